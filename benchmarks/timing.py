@@ -1,0 +1,85 @@
+"""Timing and environment helpers shared by the benchmark scripts (imported as ``timing``:
+each script runs with benchmarks/ as its first sys.path entry).
+
+Timings follow one rule: warm-up first, then the median of many runs, with CUDA events on a
+GPU and perf_counter on a CPU. Ratios are meaningful only between numbers measured in the
+same run on the same device.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def measure(
+    fn: Callable[[], object], *, device: torch.device, warmup: int = 5, iters: int = 30
+) -> dict[str, float | None]:
+    """Median/p10/p90 milliseconds of ``fn()`` and, on CUDA, its peak memory beyond what was
+    allocated before the first call (MiB)."""
+    for _ in range(warmup):
+        fn()
+    times_ms: list[float] = []
+    peak_extra_mib = None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times_ms.append(start.elapsed_time(end))
+        peak_extra_mib = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    else:
+        for _ in range(iters):
+            start_s = time.perf_counter()
+            fn()
+            times_ms.append((time.perf_counter() - start_s) * 1e3)
+    times_ms.sort()
+    return {
+        "median_ms": statistics.median(times_ms),
+        "p10_ms": times_ms[len(times_ms) // 10],
+        "p90_ms": times_ms[(len(times_ms) * 9) // 10],
+        "peak_extra_mib": peak_extra_mib,
+        "iters": iters,
+    }
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result needs to be compared with another: device, versions, date."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": name,
+        "device_type": device.type,
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
