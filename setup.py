@@ -44,7 +44,7 @@ def find_nvcc() -> str | None:
 
 
 def cuda_archs_for_cmake() -> str:
-    """"8.0;9.0+PTX" (torch's spelling) -> "80-real;90" (CMake's)."""
+    """ "8.0;9.0+PTX" (torch's spelling) -> "80-real;90" (CMake's)."""
     archs = []
     for arch in os.environ.get("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS).replace(" ", ";").split(";"):
         if not arch:
@@ -97,7 +97,10 @@ class CMakeBuild(build_ext):
             f"-DDINO_FAST_CXX_STANDARD={cxx_standard}",
         ]
         if with_cuda:
-            configure += [f"-DCMAKE_CUDA_COMPILER={nvcc}", f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs_for_cmake()}"]
+            configure += [
+                f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs_for_cmake()}",
+            ]
         if shutil.which("ninja"):
             configure += ["-G", "Ninja"]
         subprocess.run(configure, cwd=build_dir, check=True)
@@ -131,7 +134,6 @@ setup(
         "dino_fast.kernels",
     ],
     package_dir={"dino_fast": "dino_fast", "dino_fast.kernels": "kernels"},
-    package_data={"dino_fast": ["_C_build.json"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

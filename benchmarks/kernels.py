@@ -27,13 +27,23 @@ SUITES = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cuda for the anchor comparisons; cpu runs small shapes unless --full")
-    parser.add_argument("--suites", nargs="+", default=list(SUITES), choices=list(SUITES),
-                        help="which op families to time")
-    parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=None,
-                        help="anchor shapes (default on CUDA) instead of quick CPU-sized ones")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cuda for the anchor comparisons; cpu runs small shapes unless --full",
+    )
+    parser.add_argument(
+        "--suites", nargs="+", default=list(SUITES), choices=list(SUITES), help="which op families to time"
+    )
+    parser.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="anchor shapes (default on CUDA) instead of quick CPU-sized ones",
+    )
     parser.add_argument("--json", default=None, help="also write every row and the environment here")
     return parser.parse_args(argv)
 
@@ -43,7 +53,9 @@ def format_row(row: dict) -> str:
         return f"{row['suite']:<10} {row.get('impl', '-'):<28} FAILED: {row['error']}"
     extra = f"{row['peak_extra_mib']:9.1f} MiB" if row.get("peak_extra_mib") is not None else ""
     rate = f"{row['gbps']:8.1f} GB/s" if row.get("gbps") is not None else ""
-    return f"{row['suite']:<10} {row['impl']:<28} {row['shape']:<34} {row['median_ms']:10.3f} ms {rate} {extra}"
+    return (
+        f"{row['suite']:<10} {row['impl']:<28} {row['shape']:<34} {row['median_ms']:10.3f} ms {rate} {extra}"
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -95,7 +95,9 @@ def select_backend(requested: str | None, device: torch.device, *, op: str, nati
     if requested is not None:
         reason = unavailable_reason(requested, device.type, native_op)
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {requested!r} is unavailable on {device.type}: {reason}")
+            raise BackendUnavailableError(
+                f"{op}: backend {requested!r} is unavailable on {device.type}: {reason}"
+            )
         return requested
     preferred = ("triton", "torch") if device.type == "cuda" else ("native", "torch")
     return next(name for name in preferred if unavailable_reason(name, device.type, native_op) is None)

@@ -33,7 +33,9 @@ def official_dino_loss(
     return total_loss / n_loss_terms
 
 
-def official_center_update(center: Tensor, teacher_output: Tensor, momentum: float, world_size: int = 1) -> Tensor:
+def official_center_update(
+    center: Tensor, teacher_output: Tensor, momentum: float, world_size: int = 1
+) -> Tensor:
     batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
     batch_center = batch_center / (len(teacher_output) * world_size)
     return center * momentum + batch_center * (1 - momentum)
