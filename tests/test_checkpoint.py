@@ -1,0 +1,96 @@
+"""Checkpoint files: atomic replacement, weights-only loading, RNG round trips."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dino_fast import checkpoint as ckpt_mod
+from dino_fast.checkpoint import (
+    atomic_copy,
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
+
+
+def _state(value: float) -> dict:
+    return {"teacher": {"w": torch.full((3, 5), value)}, "epoch": int(value), "args": {"lr": 0.1}}
+
+
+def test_atomic_save_roundtrip_weights_only(tmp_path):
+    path = atomic_save(_state(1.0), tmp_path / "sub" / "checkpoint.pth")
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["teacher"]["w"], torch.ones(3, 5)) and loaded["epoch"] == 1
+    assert os.listdir(path.parent) == ["checkpoint.pth"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("where", ["during_serialization", "before_rename"])
+def test_crash_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
+    path = tmp_path / "checkpoint.pth"
+    atomic_save(_state(1.0), path)
+
+    if where == "during_serialization":
+        # A kill in the middle of torch.save: some bytes reach the temporary file, then the process dies.
+        def dying_save(obj, f, *args, **kwargs):
+            f.write(b"PK\x03\x04 partial zip")
+            raise KeyboardInterrupt("simulated kill")
+
+        monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    else:
+
+        def dying_replace(src, dst):
+            raise OSError("simulated crash before the rename")
+
+        monkeypatch.setattr(ckpt_mod.os, "replace", dying_replace)
+
+    with pytest.raises((KeyboardInterrupt, OSError)):
+        atomic_save(_state(2.0), path)
+    monkeypatch.undo()
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["teacher"]["w"], torch.ones(3, 5))
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_atomic_copy(tmp_path):
+    src = atomic_save(_state(3.0), tmp_path / "checkpoint.pth")
+    dst = atomic_copy(src, tmp_path / "checkpoint0003.pth")
+    assert load_checkpoint(dst)["epoch"] == 3
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "missing.pth")
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(ValueError, match="not a checkpoint dict"):
+        load_checkpoint(tmp_path / "list.pth")
+
+
+def test_load_checkpoint_accepts_official_namespace_args(tmp_path):
+    import argparse
+
+    # The official main_dino.py pickles an argparse.Namespace under "args": not weights-only.
+    torch.save({"teacher": {}, "args": argparse.Namespace(lr=0.1), "epoch": 4}, tmp_path / "official.pth")
+    assert load_checkpoint(tmp_path / "official.pth")["epoch"] == 4
+
+
+def test_rng_state_roundtrip_through_a_weights_only_file(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    state = capture_rng_state(torch.device("cpu"))
+    expected = (random.random(), np.random.rand(), torch.rand(4), np.random.randn())
+    atomic_save({"rng": state}, tmp_path / "rng.pth")
+    # Move every generator elsewhere, then restore from the file.
+    random.seed(9)
+    np.random.seed(9)
+    torch.manual_seed(9)
+    restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"], torch.device("cpu"))
+    got = (random.random(), np.random.rand(), torch.rand(4), np.random.randn())
+    assert got[0] == expected[0] and got[1] == expected[1] and got[3] == expected[3]
+    assert torch.equal(got[2], expected[2])
