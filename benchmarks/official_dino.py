@@ -229,25 +229,15 @@ ARCHS = {
     "vit_tiny": (192, 12, 3),
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
 }
 
 
 def vit(arch: str, **kwargs: object) -> VisionTransformer:
-    """``vit("vit_small", patch_size=16, drop_path_rate=0.1)``; ``arch`` may also be
-    ``"custom:<embed_dim>x<depth>x<heads>"`` for the tiny CPU presets."""
-    if arch.startswith("custom:"):
-        try:
-            dim, depth, heads = (int(v) for v in arch.removeprefix("custom:").split("x"))
-        except ValueError:
-            raise ValueError(
-                f"custom arch must look like custom:192x4x3 (dim x depth x heads), got {arch!r}"
-            ) from None
-    elif arch in ARCHS:
-        dim, depth, heads = ARCHS[arch]
-    else:
-        raise ValueError(
-            f"unknown arch {arch!r}: choose one of {sorted(ARCHS)} or custom:<dim>x<depth>x<heads>"
-        )
+    """``vit("vit_small", patch_size=16, drop_path_rate=0.1)``: the official vit_* constructors."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}: choose one of {', '.join(ARCHS)}")
+    dim, depth, heads = ARCHS[arch]
     return VisionTransformer(embed_dim=dim, depth=depth, num_heads=heads, **kwargs)
 
 
