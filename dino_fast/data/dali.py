@@ -1,0 +1,431 @@
+"""The DINO multi-crop pipeline in NVIDIA DALI: decode on the GPU, every view in one pipeline.
+
+One DALI pipeline reads the files of a batch, decodes each image once (``mixed``: nvJPEG /
+the hardware decoder on a GPU; ``cpu`` without one) and emits all 2 + L views; per view:
+
+    resize(ROI = crop box, cubic, antialiased)            RandomResizedCrop, bicubic
+    coord_transform(M) + k * gray mean, cast to uint8     color jitter (p = 0.8) + grayscale
+    gaussian_blur(sigma, window)                          blur with per-sample sigma and p
+    x ^ 255 where x >= 128 and chosen                     solarization (global view 2 only)
+    crop_mirror_normalize(mirror, mean, std, CHW, fp16)   flip + ImageNet normalization
+
+Every random decision is drawn on the host by ``augment.sample_view_params`` (numpy, seeded
+by (seed, epoch, rank, step)) and fed to the operators as per-sample arguments, so a
+per-sample conditional never costs a branch or a blend: an op that does not apply gets its
+neutral argument (identity color matrix, a 1-tap blur window, a zero solarization mask).
+The crop sampler is torchvision's RandomResizedCrop algorithm; image sizes come from the
+folder check (``folders.check_images``), and the decoder ignores EXIF orientation so that
+the decoded size is the stored one, as with PIL.
+
+Where this differs from the torchvision reference (``dino_fast.data.torchvision``):
+- color jitter: torchvision applies brightness, contrast, saturation and hue in a random
+  order, clamping and rounding to uint8 after each. Here the four are one affine color
+  transform; brightness, contrast (about the crop's gray mean, as in PIL) and saturation
+  commute exactly, so only the clamping differs: one clamp at the end instead of one per
+  step. Hue is a rotation of the YIQ chroma plane instead of a shift of the HSV hue channel
+  (same direction and amount of hue change, not the same pixels). See ``augment``.
+- blur: a true Gaussian with window 2 * ceil(3 sigma) + 1 where PIL approximates it with
+  three box blurs; the cubic resize matches PIL's bicubic to ~0.2 gray levels on average.
+Statistics of the two pipelines (flip, grayscale and solarization rates, crop areas, output
+mean and std) are compared in tests/test_data_agreement.py.
+
+Bad input: the policy of ``dino_fast.data.folders`` (unusable files left out at
+construction; a file that still fails to decode mid-epoch is found, the pipeline rebuilt, and
+its batch slots refilled with the next usable image, counted in the once-per-epoch log).
+
+Output: ``MultiCropBatch`` tensors in the requested dtype on the requested device (DALI
+writes fp16 for bf16/fp16 and fp32 otherwise; bf16 is one cast on the device).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from dino_fast.data.augment import LUMA_WEIGHTS, MultiCropAugmentation, ViewParams, sample_view_params
+from dino_fast.data.batch import MultiCropBatch, MultiCropLoader, check_enough_samples, log_skipped
+from dino_fast.data.folders import UnusableImageError, check_images, inspect_image, scan_image_folder
+
+logger = logging.getLogger("dino_fast.data")
+
+_INSTALL_HINT = (
+    "pip install nvidia-dali-cuda130 (or the wheel matching your CUDA; see benchmarks/dali_bundle.sh)"
+)
+
+
+def _import_dali():
+    try:
+        import nvidia.dali
+        import nvidia.dali.fn
+        import nvidia.dali.types
+        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+    except ImportError as err:
+        raise ImportError(f"the DALI data pipeline needs NVIDIA DALI: {_INSTALL_HINT} ({err})") from err
+    return nvidia.dali.fn, nvidia.dali.types, Pipeline, feed_ndarray
+
+
+def dali_available() -> bool:
+    try:
+        _import_dali()
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What the pipeline is fed for one step: dataset indices, files, and per-view parameters."""
+
+    indices: np.ndarray
+    paths: list[str]
+    views: list[ViewParams]
+
+
+def _default_threads(device: torch.device) -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    share = max(1, cores // max(1, local_ranks))
+    # On a GPU the CPU threads read files, parse JPEG headers and run the tiny argument ops.
+    return max(2, min(8, share)) if device.type == "cuda" else share
+
+
+class DALIMultiCropLoader(MultiCropLoader):
+    """Multi-crop batches from an image folder through one DALI pipeline.
+
+    ``num_threads``: DALI CPU threads (default: this rank's share of the cores; 2-8 on a GPU).
+    ``check``: the ``check_images`` mode run at construction. ``prefetch_queue_depth``: batches
+    DALI prepares ahead of the one being consumed. ``hw_decoder_load``: the share of JPEGs the
+    ``mixed`` decoder sends to the GPU's hardware JPEG engines.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        batch_size: int,
+        augment: MultiCropAugmentation,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_threads: int | None = None,
+        seed: int = 0,
+        check: str = "header",
+        prefetch_queue_depth: int = 2,
+        hw_decoder_load: float = 0.65,
+    ) -> None:
+        self._fn, self._types, self._Pipeline, self._feed_ndarray = _import_dali()
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                f"device {device} was requested but torch sees no CUDA device; use device='cpu'"
+            )
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"the DALI pipeline outputs to 'cuda' or 'cpu', got device {device}")
+        index = scan_image_folder(root)
+        checked = check_images(index, mode=check)
+        self.root = index.root
+        self.index = checked.index
+        self.sizes = checked.sizes
+        self.rejected = checked.rejected
+        super().__init__(
+            batch_size=batch_size,
+            augment=augment,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            dataset_size=len(self.index),
+        )
+        check_enough_samples(self.dataset_size, batch_size, world_size, self.root)
+        self.num_threads = num_threads or _default_threads(device)
+        self.prefetch_queue_depth = prefetch_queue_depth
+        self.hw_decoder_load = hw_decoder_load
+        self.device_id = (
+            (device.index if device.index is not None else torch.cuda.current_device())
+            if (device.type == "cuda")
+            else None
+        )
+        # One byte buffer for all paths: per-path numpy objects would cost ~200 B each per rank.
+        encoded = [str(p).encode("utf-8") for p in self.index.paths]
+        self._path_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self._path_offsets = np.cumsum([0] + [len(e) for e in encoded])
+        # Runtime-failed files are redirected to the next usable one.
+        self._bad = np.zeros(self.dataset_size, dtype=bool)
+        self._redirect = np.arange(self.dataset_size)
+        self._pipe = None
+        self._feed: _Feed | None = None
+        self._pipe_dirty = False
+        self._views = augment.views()
+
+    # ----------------------------------------------------------------- planning (host side)
+    def _path(self, i: int) -> str:
+        return self._path_bytes[self._path_offsets[i] : self._path_offsets[i + 1]].tobytes().decode("utf-8")
+
+    def _epoch_plan(self, epoch: int) -> np.ndarray:
+        return self._redirect[self.epoch_indices(epoch).numpy().reshape(-1, self.batch_size)]
+
+    def _step_params(self, epoch: int, step: int, indices: np.ndarray) -> list[ViewParams]:
+        rng = np.random.default_rng([self.seed, epoch, self.rank, step])
+        heights, widths = self.sizes[indices, 0], self.sizes[indices, 1]
+        return [sample_view_params(rng, heights, widths, view, self.augment) for view in self._views]
+
+    def plan_step(self, epoch: int, step: int) -> StepPlan:
+        """The files and random parameters the pipeline gets for ``step`` of ``epoch``."""
+        indices = self._epoch_plan(epoch)[step]
+        return StepPlan(indices, [self._path(i) for i in indices], self._step_params(epoch, step, indices))
+
+    def _step_inputs(self, epoch: int, step: int, indices: np.ndarray) -> tuple:
+        offsets = self._path_offsets
+        paths = [self._path_bytes[offsets[i] : offsets[i + 1]] for i in indices]
+        inputs: list = [paths]
+        for view, p in zip(self._views, self._step_params(epoch, step, indices), strict=True):
+            top, left, h, w = (p.boxes[:, j].astype(np.float32) for j in range(4))
+            window = np.where(p.blur, 2 * np.ceil(3 * p.sigma) + 1, 1).astype(np.int32)
+            inputs += [
+                np.stack([top, left], axis=1),
+                np.stack([top + h, left + w], axis=1),
+                p.color_matrix.astype(np.float32),
+                p.color_offset.astype(np.float32)[:, None],
+                np.where(p.blur, p.sigma, 1.0).astype(np.float32),
+                window,
+                p.flip.astype(np.int32),
+            ]
+            if view.solarize_p > 0:
+                inputs.append(p.solarize.astype(np.uint8)[:, None])
+        return tuple(inputs)
+
+    def _source(self) -> tuple:
+        feed = self._feed
+        if feed is None or feed.next_step >= len(feed.plan):
+            raise StopIteration
+        step = feed.next_step
+        feed.next_step += 1
+        return self._step_inputs(feed.epoch, step, feed.plan[step])
+
+    # ----------------------------------------------------------------- the DALI graph
+    def _num_inputs(self) -> int:
+        return 1 + sum(8 if v.solarize_p > 0 else 7 for v in self._views)
+
+    def _build(self, decoder_check: bool = False):
+        fn, types = self._fn, self._types
+        on_gpu = self.device_id is not None
+        pipe = self._Pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id,
+            seed=(self.seed * 1000003 + self.rank) % (2**31),
+            prefetch_queue_depth=self.prefetch_queue_depth,
+        )
+        aug = self.augment
+        dtypes = [types.UINT8]
+        ndims = [1]
+        for view in self._views:
+            dtypes += [
+                types.FLOAT,
+                types.FLOAT,
+                types.FLOAT,
+                types.FLOAT,
+                types.FLOAT,
+                types.INT32,
+                types.INT32,
+            ]
+            ndims += [1, 1, 2, 1, 0, 0, 0]
+            if view.solarize_p > 0:
+                dtypes.append(types.UINT8)
+                ndims.append(1)
+        out_type = types.FLOAT16 if self.dtype in (torch.float16, torch.bfloat16) else types.FLOAT
+        mean = [255.0 * m for m in aug.mean]
+        std = [255.0 * s for s in aug.std]
+        with pipe:
+            inputs = fn.external_source(
+                source=self._source, num_outputs=self._num_inputs(), batch=True, dtype=dtypes, ndim=ndims
+            )
+            encoded = fn.io.file.read(inputs[0])
+            decoder_args = {"hw_decoder_load": self.hw_decoder_load} if on_gpu else {}
+            images = fn.decoders.image(
+                encoded,
+                device="mixed" if on_gpu else "cpu",
+                output_type=types.RGB,
+                adjust_orientation=False,
+                **decoder_args,
+            )
+            outputs = []
+            pos = 1
+            for view in self._views:
+                roi_start, roi_end, matrix, offset, sigma, window, flip = inputs[pos : pos + 7]
+                pos += 7
+                crop = fn.resize(
+                    images,
+                    roi_start=roi_start,
+                    roi_end=roi_end,
+                    roi_relative=False,
+                    size=(view.size, view.size),
+                    interp_type=types.INTERP_CUBIC,
+                    antialias=True,
+                )
+                # Contrast pivots on the crop's gray mean (PIL's ImageEnhance.Contrast).
+                channel_mean = fn.reductions.mean(crop, axes=[0, 1], keep_dims=True, dtype=types.FLOAT)
+                gray_mean = fn.coord_transform(channel_mean, M=LUMA_WEIGHTS.tolist(), dtype=types.FLOAT)
+                mixed = fn.coord_transform(crop, M=matrix, dtype=types.FLOAT)
+                shift = (offset.gpu() if on_gpu else offset) * gray_mean
+                # cast rounds and saturates: the clamp of PIL's uint8 images.
+                jittered = fn.cast(mixed + shift, dtype=types.UINT8)
+                view_out = fn.gaussian_blur(jittered, sigma=sigma, window_size=window)
+                if view.solarize_p > 0:
+                    chosen = inputs[pos]
+                    pos += 1
+                    chosen = chosen.gpu() if on_gpu else chosen
+                    # For uint8, 255 - x == x ^ 255.
+                    view_out = view_out ^ (chosen * (view_out >= aug.solarize_threshold) * np.uint8(255))
+                outputs.append(
+                    fn.crop_mirror_normalize(
+                        view_out, mirror=flip, mean=mean, std=std, dtype=out_type, output_layout="CHW"
+                    )
+                )
+            pipe.set_outputs(*outputs)
+        pipe.build()
+        return pipe
+
+    def _probe_decode(self, path: str) -> bool:
+        """Whether this loader's decoder (mixed or cpu) decodes ``path`` on its own."""
+        fn, types = self._fn, self._types
+        on_gpu = self.device_id is not None
+        pipe = self._Pipeline(batch_size=1, num_threads=1, device_id=self.device_id, prefetch_queue_depth=1)
+        with pipe:
+            name = fn.external_source(name="path", dtype=types.UINT8, ndim=1)
+            image = fn.decoders.image(
+                fn.io.file.read(name), device="mixed" if on_gpu else "cpu", output_type=types.RGB
+            )
+            pipe.set_outputs(image)
+        pipe.build()
+        try:
+            pipe.feed_input("path", [np.frombuffer(path.encode("utf-8"), dtype=np.uint8)])
+            pipe.run()
+        except Exception:
+            return False
+        finally:
+            del pipe
+        return True
+
+    # ----------------------------------------------------------------- iteration
+    def _reset_pipeline(self) -> None:
+        if self._pipe is None:
+            self._pipe = self._build()
+            return
+        if self._pipe_dirty:
+            # Finish what an abandoned epoch left in flight, then rewind the source.
+            self._feed = None
+            while True:
+                try:
+                    self._pipe.run()
+                except StopIteration:
+                    break
+            self._pipe.reset()
+        self._pipe_dirty = False
+
+    def _recover(self, err: Exception, first_unconsumed: int) -> list[str]:
+        """A batch in flight failed to decode: find the files, redirect them, rebuild."""
+        feed = self._feed
+        assert feed is not None
+        in_flight = np.unique(feed.plan[first_unconsumed : max(feed.next_step, first_unconsumed + 1)])
+        bad = []
+        for i in in_flight.tolist():
+            path = self._path(i)
+            try:
+                inspect_image(path, mode="full")
+                usable = self._probe_decode(path)
+            except UnusableImageError:
+                usable = False
+            if not usable:
+                bad.append(i)
+        if not bad:
+            raise RuntimeError(
+                f"the DALI pipeline failed on a batch whose files each decode on their own: {err}"
+            ) from err
+        if self._bad.sum() + len(bad) >= self.dataset_size:
+            raise RuntimeError(f"no image under {self.root} decodes any more") from err
+        self._bad[bad] = True
+        good = np.flatnonzero(~self._bad)
+        # Next usable index at or after i, wrapping around.
+        nxt = np.searchsorted(good, np.arange(self.dataset_size))
+        self._redirect = good[nxt % len(good)]
+        logger.warning(
+            "DALI failed to decode %d file(s) that passed the folder check (%s); they are replaced "
+            "by the next usable image from now on",
+            len(bad),
+            ", ".join(self._path(i) for i in bad[:3]),
+        )
+        # A pipeline that raised is no longer valid.
+        self._pipe = None
+        self._pipe = self._build()
+        self._pipe_dirty = False
+        plan = feed.plan.copy()
+        replaced = np.isin(plan, bad)
+        plan[first_unconsumed:] = self._redirect[plan[first_unconsumed:]]
+        self._feed = _Feed(feed.epoch, plan, first_unconsumed)
+        return [self._path(i) for i in feed.plan[first_unconsumed:][replaced[first_unconsumed:]]]
+
+    def _to_batch(self, outputs: tuple, indices: np.ndarray) -> MultiCropBatch:
+        B = self.batch_size
+        staging = torch.float16 if self.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        g, loc = self.augment.global_crop_size, self.augment.local_crop_size
+        num_local = len(outputs) - 2
+        global_crops = torch.empty((2 * B, 3, g, g), dtype=staging, device=self.device)
+        local_crops = (
+            torch.empty((num_local * B, 3, loc, loc), dtype=staging, device=self.device)
+            if num_local
+            else None
+        )
+        for v, out in enumerate(outputs):
+            target = global_crops[v * B : (v + 1) * B] if v < 2 else local_crops[(v - 2) * B : (v - 1) * B]
+            self._feed_ndarray(out.as_tensor(), target, cuda_stream=stream)
+        if staging != self.dtype:
+            global_crops = global_crops.to(self.dtype)
+            local_crops = None if local_crops is None else local_crops.to(self.dtype)
+        return MultiCropBatch(global_crops, local_crops, torch.from_numpy(indices.astype(np.int64)))
+
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        self._reset_pipeline()
+        epoch = self.epoch
+        plan = self._epoch_plan(epoch)
+        self._feed = _Feed(epoch, plan, 0)
+        # Slots of files already known to fail are redirected by the plan; count them too.
+        failed = [self._path(int(i)) for i in self.epoch_indices(epoch).numpy() if self._bad[i]]
+        consumed = 0
+        self._pipe_dirty = True
+        recoveries = 0
+        while consumed < len(plan):
+            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+            try:
+                outputs = self._pipe.run(stream) if stream is not None else self._pipe.run()
+            except StopIteration as err:
+                raise RuntimeError(f"DALI ended epoch {epoch} after {consumed} of {len(plan)} steps") from err
+            except Exception as err:
+                recoveries += 1
+                if recoveries > self.dataset_size:
+                    raise
+                failed += self._recover(err, consumed)
+                continue
+            batch = self._to_batch(outputs, self._feed.plan[consumed])
+            consumed += 1
+            yield batch
+        log_skipped(epoch, self.root, len(self.rejected), failed)
+
+    def close(self) -> None:
+        self._pipe = None
+        self._feed = None
+
+
+@dataclass
+class _Feed:
+    epoch: int
+    plan: np.ndarray  # (steps, batch_size) dataset indices
+    next_step: int
