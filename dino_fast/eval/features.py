@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from dino_fast.checkpoint import atomic_save
+
 logger = logging.getLogger(__name__)
 
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
@@ -42,6 +44,8 @@ _EMBED_DIM_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: 
 # wrapper / DINOModel ("backbone."), torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
 _CACHE_FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # --------------------------------------------------------------------------------------------
@@ -290,27 +294,21 @@ def is_main_process() -> bool:
 
 
 @contextlib.contextmanager
-def distributed_context() -> Iterator[torch.device]:
+def distributed_context(device: str = "auto") -> Iterator[torch.device]:
     """Join the process group torchrun describes (if any) and yield this process's device.
 
     ``torchrun --nproc_per_node=N`` sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU.
-    A plain ``python -m`` run uses one process on the first GPU, else the CPU.
+    A plain ``python -m`` run is one process on the first GPU, else the CPU.
     """
-    created = False
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not _dist_on():
-        if cuda:
-            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl" if cuda else "gloo")
-        created = True
+    from dino_fast import distributed
+
+    created = not distributed.is_initialized()
+    info = distributed.init_distributed(device)
     try:
-        yield device
+        yield info.device
     finally:
         if created:
-            dist.destroy_process_group()
+            distributed.cleanup()
 
 
 def _shard_indices(num_samples: int, world: int, rank_: int) -> list[int]:
@@ -451,6 +449,23 @@ def eval_dataset(index: Any, spec: FeatureSpec) -> torch.utils.data.Dataset:
     return EvalImageDataset(index, image_size=spec.image_size, resize_size=spec.effective_resize)
 
 
+def train_dataset(index: Any, spec: FeatureSpec) -> torch.utils.data.Dataset:
+    """The official linear-probe training transform: RandomResizedCrop, horizontal flip, normalize."""
+    from torchvision import transforms
+
+    from dino_fast.data.folders import EvalImageDataset
+
+    transform = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(spec.image_size),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    return EvalImageDataset(index, image_size=spec.image_size, transform=transform)
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer."""
     digest = hashlib.sha256()
@@ -494,12 +509,6 @@ class FeatureSet:
     key: str | None = None
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 class FeatureCache:
     """A folder of ``<key>.pt`` feature files (see :func:`cache_key`)."""
 
@@ -530,7 +539,7 @@ class FeatureCache:
             "labels": fs.labels.cpu(),
             "classes": list(fs.classes),
         }
-        _atomic_save(blob, path)
+        atomic_save(blob, path)
         return path
 
 
@@ -626,7 +635,7 @@ def dump_features(directory: str | os.PathLike[str], train: FeatureSet, test: Fe
         test.labels.cpu(),
     )
     for name, tensor in zip(_DUMP_FILES, tensors, strict=True):
-        _atomic_save(tensor, directory / name)
+        atomic_save(tensor, directory / name)
     meta = {"train_key": train.key, "test_key": test.key, "classes": list(train.classes)}
     (directory / "meta.json").write_text(json.dumps(meta, indent=1))
 
