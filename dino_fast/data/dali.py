@@ -365,7 +365,6 @@ class DALIMultiCropLoader(MultiCropLoader):
         # A pipeline that raised is no longer valid.
         self._pipe = None
         self._pipe = self._build()
-        self._pipe_dirty = False
         plan = feed.plan.copy()
         replaced = np.isin(plan, bad)
         plan[first_unconsumed:] = self._redirect[plan[first_unconsumed:]]
