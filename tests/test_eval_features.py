@@ -203,3 +203,12 @@ def test_two_process_split_extraction_with_cache(two_rank_results, which):
         torch.testing.assert_close(results[rank][which], expected.features, rtol=1e-4, atol=1e-5)
     key = feats.cache_key(vit, feats.scan_split(root), SPEC)
     assert [p.name for p in (tmp / "cache").iterdir()] == [f"{key}.pt"]  # written once, by rank 0
+
+
+def test_package_exports_resolve():
+    import dino_fast.eval as ev
+
+    for name in ev.__all__:
+        assert getattr(ev, name) is not None
+    with pytest.raises(AttributeError, match="no attribute"):
+        ev.nonexistent  # noqa: B018

@@ -146,3 +146,66 @@ def test_bad_inputs_raise(kwargs, match):
 def test_float_labels_raise():
     with pytest.raises(TypeError, match="integer"):
         knn.knn_votes(torch.randn(4, 2), torch.zeros(4), torch.randn(1, 2), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line, end to end on real photos
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_weights(path, seed):
+    torch.manual_seed(seed)
+    vit = knn.feats.build_backbone("vit_tiny", 16)
+    torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}, path)
+    return vit
+
+
+def test_cli_dump_load_and_stale_features(tmp_path):
+    from eval_helpers import make_image_folder
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=3)
+    make_image_folder(data / "test", per_class=1)  # test/ accepted in place of val/
+    _write_weights(tmp_path / "a.pth", seed=0)
+    _write_weights(tmp_path / "b.pth", seed=1)
+    common = ["--arch", "vit_tiny", "--patch_size", "16", "--image_size", "32", "--num_workers", "0"]
+    common += ["--data_path", str(data), "--nb_knn", "1", "6", "--batch_size_per_gpu", "4"]
+    dump = tmp_path / "dump"
+    first = knn.main([*common, "--pretrained_weights", str(tmp_path / "a.pth"), "--dump_features", str(dump)])
+    assert (first.num_train, first.num_test) == (6, 2)
+    assert set(first.top1) == {1, 6} and all(0.0 <= v <= 100.0 for v in first.top1.values())
+
+    # same weights and data: the dump is accepted and gives the same numbers
+    again = knn.main([*common, "--pretrained_weights", str(tmp_path / "a.pth"), "--load_features", str(dump)])
+    assert again.top1 == first.top1 and again.top5 == first.top5
+    # other weights: refused instead of silently reporting the old features' accuracy
+    with pytest.raises(knn.feats.StaleFeaturesError, match="other weights"):
+        knn.main([*common, "--pretrained_weights", str(tmp_path / "b.pth"), "--load_features", str(dump)])
+    # only the dump (no data, no weights): used as it is, like the official script
+    only = knn.main(["--load_features", str(dump), "--nb_knn", "1", "6"])
+    assert only.top1 == first.top1
+
+    with pytest.raises(ValueError, match="larger than the training set"):
+        knn.main([*common, "--pretrained_weights", str(tmp_path / "a.pth"), "--nb_knn", "7"])
+
+
+def test_cli_missing_eval_split(tmp_path):
+    from eval_helpers import make_image_folder
+
+    make_image_folder(tmp_path / "data" / "train", per_class=1)
+    with pytest.raises(FileNotFoundError, match=r"neither val/ nor test/"):
+        knn.main(["--data_path", str(tmp_path / "data"), "--arch", "vit_tiny"])
+    with pytest.raises(FileNotFoundError, match="must hold a train/"):
+        knn.main(["--data_path", str(tmp_path / "nowhere"), "--arch", "vit_tiny"])
+
+
+def test_knn_accuracy_api_separates_two_kinds_of_photos(tmp_path):
+    # Two visually distinct groups of real photos: even a random ViT's CLS features cluster
+    # them a little; the API must run end to end and return one top-1 per k, in percent.
+    from eval_helpers import make_image_folder
+
+    root = make_image_folder(tmp_path / "train", per_class=3)
+    vit = _write_weights(tmp_path / "w.pth", seed=0)
+    acc = knn.knn_accuracy(vit, root, root, nb_knn=(1, 3), image_size=32, batch_size=4)
+    assert set(acc) == {1, 3}
+    assert acc[1] == 100.0  # train == test: each image's nearest neighbour is itself

@@ -570,8 +570,12 @@ def extract_split(
     batch_size: int = 128,
     num_workers: int = 0,
     cache: FeatureCache | None = None,
+    compute_key: bool = False,
 ) -> FeatureSet:
     """Features of the ImageFolder at ``root`` (dataset order), reusing ``cache`` when it has them.
+
+    The result's ``key`` (:func:`cache_key`) is computed with a cache or ``compute_key``; it
+    hashes the weights and stats every image file, which is worth skipping when not needed.
 
     Under ``torch.distributed`` rank 0 decides whether the cache has the entry (and reads it;
     the other ranks receive it by broadcast, so the cache need not be on a shared disk) and
@@ -584,7 +588,7 @@ def extract_split(
         index = scan_split(root)
         labels = torch.as_tensor(list(index.labels), dtype=torch.long)
         classes = tuple(index.classes)
-        key = cache_key(model, index, spec) if cache is not None else None
+        key = cache_key(model, index, spec) if cache is not None or compute_key else None
         cached = cache.load(key) if cache is not None and key is not None and is_main_process() else None
         if world_size() > 1 and cache is not None:
             hit = torch.tensor([cached is not None], dtype=torch.long, device=device)

@@ -365,7 +365,12 @@ def main(argv: Sequence[str] | None = None) -> KNNResult:
             assert model is not None
             train_dir, test_dir = _resolve_split_dirs(args.data_path)
             cache = feats.FeatureCache(args.cache_dir) if args.cache_dir is not None else None
-            common = dict(device=device, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers)
+            common = dict(
+                device=device,
+                batch_size=args.batch_size_per_gpu,
+                num_workers=args.num_workers,
+                compute_key=args.dump_features is not None,
+            )
             train = feats.extract_split(model, train_dir, spec, cache=cache, **common)
             test = feats.extract_split(model, test_dir, spec, cache=cache, **common)
             if args.dump_features is not None and feats.is_main_process():
