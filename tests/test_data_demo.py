@@ -1,0 +1,79 @@
+"""The Fashion-MNIST demo dataset builder, on Debian's dataset-fashion-mnist files."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dino_fast.data import scan_image_folder
+from dino_fast.data.demo import CLASSES, DEFAULT_SOURCE, prepare_fashion_mnist, read_idx
+
+needs_source = pytest.mark.skipif(
+    not (DEFAULT_SOURCE / "train-images-idx3-ubyte.gz").is_file(),
+    reason="apt-get install dataset-fashion-mnist",
+)
+
+
+@needs_source
+def test_builds_labelled_train_and_test_folders_once(tmp_path: Path) -> None:
+    root = prepare_fashion_mnist(tmp_path, max_per_class=3)
+    assert root == tmp_path / "fashion_mnist-3pc"
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["train"] == manifest["test"] == 30
+    images = read_idx(DEFAULT_SOURCE / "train-images-idx3-ubyte.gz")
+    labels = read_idx(DEFAULT_SOURCE / "train-labels-idx1-ubyte.gz")
+    assert images.shape == (60000, 28, 28) and labels.shape == (60000,)
+    for split in ("train", "test"):
+        index = scan_image_folder(root / split)
+        # Folder order is label order, so ImageFolder labels are Fashion-MNIST's.
+        assert index.classes == list(CLASSES)
+        assert sorted(index.labels) == sorted(list(range(10)) * 3)
+    # Each JPEG is its source image (JPEG-compressed) under its true label.
+    index = scan_image_folder(root / "train")
+    for path, label in zip(index.paths, index.labels, strict=True):
+        source = int(path.stem)
+        assert labels[source] == label
+        decoded = np.asarray(Image.open(path), dtype=np.float64)
+        assert decoded.shape == (28, 28) and np.abs(decoded - images[source]).mean() < 4
+    # A second call reuses the cache: nothing is rewritten.
+    stamp = (root / "manifest.json").stat().st_mtime_ns
+    assert prepare_fashion_mnist(tmp_path, max_per_class=3) == root
+    assert (root / "manifest.json").stat().st_mtime_ns == stamp
+    # No temporary build folders are left behind.
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]
+
+
+def test_missing_source_says_how_to_install(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        prepare_fashion_mnist(tmp_path / "cache", source_dir=tmp_path / "nothing_here")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@needs_source
+def test_an_interrupted_build_leaves_no_dataset(tmp_path: Path) -> None:
+    # A truncated label file makes the build fail after some images were written: the
+    # destination must not exist afterwards, and the temporary folder must be gone.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz"):
+        shutil.copy(DEFAULT_SOURCE / name, source / name)
+    # The test split is built after the train split has been written.
+    with gzip.open(DEFAULT_SOURCE / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = f.read()
+    with gzip.open(source / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(labels[:5000])
+    cache = tmp_path / "cache"
+    with pytest.raises(ValueError, match="truncated"):
+        prepare_fashion_mnist(cache, max_per_class=2, source_dir=source)
+    assert list(cache.iterdir()) == []
+
+
+def test_bad_subset_size_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_per_class"):
+        prepare_fashion_mnist(tmp_path, max_per_class=0)
