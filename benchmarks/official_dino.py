@@ -396,7 +396,9 @@ class ModelSpec:
 
     arch: str = "vit_small"
     patch_size: int = 16
-    global_size: int = 224
+    # main_dino.py never passes img_size: the positional embedding is always built for 224 px and
+    # interpolated for every other crop size (global crops included, when they are not 224).
+    img_size: int = 224
     out_dim: int = 65536
     drop_path_rate: float = 0.1
     norm_last_layer: bool = True
@@ -448,14 +450,12 @@ def build_student_teacher(
     teacher starts from the student's weights, as in the official code."""
     student_backbone = vit(
         spec.arch,
-        img_size=spec.global_size,
+        img_size=spec.img_size,
         patch_size=spec.patch_size,
         drop_path_rate=spec.drop_path_rate,
         attn_impl=attn_impl,
     )
-    teacher_backbone = vit(
-        spec.arch, img_size=spec.global_size, patch_size=spec.patch_size, attn_impl=attn_impl
-    )
+    teacher_backbone = vit(spec.arch, img_size=spec.img_size, patch_size=spec.patch_size, attn_impl=attn_impl)
     dim = student_backbone.embed_dim
     student = MultiCropWrapper(
         student_backbone, DINOHead(dim, spec.out_dim, norm_last_layer=spec.norm_last_layer)
@@ -477,7 +477,10 @@ class TrainStep:
         state_dict: dict[str, Tensor],
         device: torch.device,
         ncrops: int,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
+        """``dtype`` is that of the weights (fp32, as official; fp64 lets tests compare variants
+        without Adam amplifying rounding noise in near-zero gradients)."""
         if options.grad_scaler and options.amp_dtype != torch.float16:
             raise ValueError("a GradScaler only makes sense with fp16 autocast (amp_dtype=torch.float16)")
         if options.optimizer_impl not in ("default", "fused"):
@@ -491,8 +494,8 @@ class TrainStep:
         student, teacher = build_student_teacher(spec, options.attn_impl)
         student.load_state_dict(state_dict)
         teacher.load_state_dict(state_dict)
-        self.student = student.to(device)
-        self.teacher = teacher.to(device)
+        self.student = student.to(device, dtype)
+        self.teacher = teacher.to(device, dtype)
         for p in self.teacher.parameters():
             p.requires_grad = False  # no backpropagation through the teacher (no no_grad either)
         if options.compile_backbones:
@@ -500,7 +503,7 @@ class TrainStep:
             # recompile when the second resolution arrives.
             self.student.backbone.compile(dynamic=False)
             self.teacher.backbone.compile(dynamic=False)
-        self.dino_loss = DINOLoss(spec.out_dim, ncrops).to(device)
+        self.dino_loss = DINOLoss(spec.out_dim, ncrops).to(device, dtype)
         groups = get_params_groups(self.student)
         # lr and weight decay are overwritten every step from the schedules, as in the official loop.
         if options.optimizer_impl == "fused":

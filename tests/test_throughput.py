@@ -1,0 +1,283 @@
+"""benchmarks/throughput.py and its official baseline (benchmarks/official_dino.py).
+
+The baseline must compute what the official DINO step computes (loss, clipping, EMA) and the
+tuned variants must compute the same thing faster; the FLOP count behind MFU must be exact; the
+script must run end to end on a CPU and report every variant, failed ones with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from official_formulas import official_center_update, official_dino_loss
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import official_dino as od  # noqa: E402
+import throughput  # noqa: E402
+
+TINY = od.ModelSpec(arch="vit_tiny", patch_size=16, out_dim=256, drop_path_rate=0.0)
+# Tests of the step's logic and of the FLOP formula need every part, not twelve blocks: a 2-block
+# ViT keeps them fast (registered for each test, the official sizes stay untouched).
+SMALL = dataclasses.replace(TINY, arch="vit_test_2blocks")
+
+
+@pytest.fixture(autouse=True)
+def _small_arch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(od.ARCHS, "vit_test_2blocks", (48, 2, 3))
+
+
+def crops(batch: int, n_local: int, global_size: int = 32, local_size: int = 16, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    views = [torch.randn(batch, 3, global_size, global_size, generator=gen) for _ in range(2)]
+    return views + [torch.randn(batch, 3, local_size, local_size, generator=gen) for _ in range(n_local)]
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP count
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("patch", "global_size", "local_size", "n_local", "out_dim"),
+    [
+        (16, 32, 16, 2, 256),  # the tiny preset: 2x2 and 1x1 patch grids
+        (8, 24, 16, 3, 97),  # odd grids (3x3, 2x2), an odd crop count and a prime K
+        (16, 48, 32, 0, 64),  # no local crops: the student sees the global crops only
+    ],
+)
+def test_flop_count_equals_torch_flop_counter(
+    patch: int, global_size: int, local_size: int, n_local: int, out_dim: int
+) -> None:
+    batch = 2
+    spec = dataclasses.replace(SMALL, patch_size=patch, out_dim=out_dim)
+    student, teacher = od.build_student_teacher(spec)
+    views = crops(batch, n_local, global_size, local_size)
+    with FlopCounterMode(display=False) as counter:
+        student(views).sum().backward()
+        teacher(views[:2])
+    expected = throughput.step_flops(SMALL.arch, patch, global_size, local_size, n_local, out_dim)
+    assert counter.get_total_flops() == expected["total"] * batch
+
+
+def test_anchor_flop_count_against_design() -> None:
+    flops = throughput.step_flops("vit_small", 16, 224, 96, 10, 65536)
+    # DESIGN.md's ~121 GFLOP/image is the transformer blocks alone (student fwd+bwd, teacher fwd).
+    assert flops["blocks_only"] == pytest.approx(121e9, rel=0.01)
+    # Patch embedding (~1.1 GFLOP) and the DINO head (~1.7, mostly the 256 x 65536 layer) add 2.3%.
+    assert flops["total"] == pytest.approx(123.4e9, rel=0.005)
+    assert flops["student_head"] + flops["teacher_head"] == pytest.approx(1.69e9, rel=0.01)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official baseline's pieces against the official formulas
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("batch", "ncrops", "dim"),
+    [
+        (1, 2, 33),  # smallest legal batch, globals only
+        (3, 12, 1000),  # the anchor's crop count, odd batch
+        (4, 5, 4099),  # odd local count, K not a multiple of any block size
+    ],
+)
+def test_official_loss_and_center_match_formulas(batch: int, ncrops: int, dim: int) -> None:
+    gen = torch.Generator().manual_seed(ncrops)
+    student = torch.randn(ncrops * batch, dim, generator=gen, dtype=torch.float64) * 3
+    teacher = torch.randn(2 * batch, dim, generator=gen, dtype=torch.float64) * 3
+    loss_fn = od.DINOLoss(dim, ncrops).double()
+    loss_fn.center = torch.randn(1, dim, generator=gen, dtype=torch.float64)
+    center = loss_fn.center.clone()
+    loss = loss_fn(student, teacher, teacher_temp=0.05)
+    expected = official_dino_loss(student, teacher, center, ncrops=ncrops, teacher_temp=0.05)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss_fn.center, official_center_update(center, teacher, 0.9))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_foreach_clip_equals_official_per_parameter_clip(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.Linear(3, 1)).to(dtype)
+    scales = [10.0, 0.01, 1.0, 0.0, 50.0]  # above, below and near the threshold, and an all-zero gradient
+    params = list(model.parameters())
+    for p, scale in zip(params, scales, strict=False):
+        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * scale
+    params[-1].grad = None  # a parameter without gradient is skipped by both
+    official = [None if p.grad is None else p.grad.clone() for p in params]
+    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    for r, g in zip(reference, official, strict=True):
+        r.grad = g
+    od.clip_gradients(torch.nn.ParameterList(reference), 3.0)
+    od.clip_gradients_foreach(model, 3.0)
+    for p, r in zip(params, reference, strict=True):
+        if r.grad is None:
+            assert p.grad is None
+        else:
+            torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
+    norms = [p.grad.norm() for p in params if p.grad is not None]
+    assert max(norms) <= 3.0 * (1 + 1e-6) and min(norms) == 0.0
+
+
+@pytest.mark.parametrize("tokens", [2, 37, 197])  # a local 16 px crop, a 96 px one, a 224 px one
+def test_sdpa_attention_equals_explicit_attention(tokens: int) -> None:
+    explicit = od.Attention(48, 3, attn_impl="explicit").double()
+    sdpa = od.Attention(48, 3, attn_impl="sdpa").double()
+    sdpa.load_state_dict(explicit.state_dict())
+    x = torch.randn(3, tokens, 48, dtype=torch.float64)
+    torch.testing.assert_close(sdpa(x)[0], explicit(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_official_student_loads_into_dino_fast_model_and_agrees() -> None:
+    from dino_fast.config import TrainConfig
+    from dino_fast.train import build_dino_model
+
+    config = TrainConfig.from_preset(
+        "vit_small_imagenet", arch="vit_tiny", out_dim=256, global_crops_size=32, local_crops_size=16
+    )
+    theirs = build_dino_model(config, drop_path_rate=0.0)
+    student, _ = od.build_student_teacher(TINY)
+    theirs.load_state_dict(student.state_dict())  # strict: identical names and shapes
+    views = crops(3, 2)
+    ours = student(views)
+    torch.testing.assert_close(theirs(torch.cat(views[:2]), torch.cat(views[2:])), ours, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole steps
+# ---------------------------------------------------------------------------------------------
+
+HYPER = od.Hyper(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04)
+
+
+def run_steps(
+    options: od.StepOptions, steps: int = 2, dtype: torch.dtype = torch.float32
+) -> tuple[list[float], od.TrainStep]:
+    state = od.official_state_dict(SMALL, seed=3)
+    step = od.TrainStep(SMALL, options, state, torch.device("cpu"), ncrops=4, dtype=dtype)
+    views = [v.to(dtype) for v in crops(2, 2, seed=4)]
+    return [step.step(views, HYPER) for _ in range(steps)], step
+
+
+def test_tuned_parts_compute_the_official_step() -> None:
+    # Every tuned replacement at once, without autocast so that only the implementations differ:
+    # SDPA, fused AdamW, sync-free clipping and the foreach EMA must give the official trajectory.
+    # fp64, because Adam turns rounding noise in near-zero gradients (the key bias has an exactly
+    # zero true gradient) into +-lr steps. A large lr and low EMA momentum make every part count.
+    tuned_no_amp = dataclasses.replace(od.TUNED, amp_dtype=None)
+    official_losses, official = run_steps(od.OFFICIAL_FP32, steps=3, dtype=torch.float64)
+    tuned_losses, tuned = run_steps(tuned_no_amp, steps=3, dtype=torch.float64)
+    assert official_losses[0] != official_losses[2]  # the steps did change the model
+    torch.testing.assert_close(tuned_losses, official_losses, rtol=1e-10, atol=0)
+    for module in ("student", "teacher"):
+        ours = getattr(tuned, module).state_dict()
+        for name, value in getattr(official, module).state_dict().items():
+            torch.testing.assert_close(ours[name], value, rtol=1e-9, atol=1e-10, msg=f"{module}.{name}")
+    torch.testing.assert_close(tuned.dino_loss.center, official.dino_loss.center)
+
+
+def test_official_fp16_grad_scaler_path_runs_on_cpu() -> None:
+    # The official precision (fp16 autocast + GradScaler, unscale before the clip) normally runs
+    # on a GPU only; CPU autocast supports fp16, which exercises the same code here.
+    fp32_losses, _ = run_steps(od.OFFICIAL_FP32, steps=1)
+    fp16_losses, step = run_steps(od.OFFICIAL, steps=2)
+    assert step.scaler is not None and step.scaler.get_scale() > 0
+    assert fp16_losses[0] == pytest.approx(fp32_losses[0], rel=2e-3)
+    assert all(torch.isfinite(torch.tensor(fp16_losses)))
+
+
+def test_step_rejects_inconsistent_options() -> None:
+    with pytest.raises(ValueError, match="GradScaler"):
+        od.TrainStep(TINY, od.StepOptions(amp_dtype=torch.bfloat16), {}, torch.device("cpu"), ncrops=4)
+    with pytest.raises(ValueError, match="attn_impl"):
+        od.Attention(8, 2, attn_impl="flash")
+    with pytest.raises(ValueError, match="unknown arch"):
+        od.vit("vit_huge")
+
+
+# ---------------------------------------------------------------------------------------------
+# The script
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "cpu", "--data", "dali", "--data_path", "."], "decodes on the GPU"),
+        (["--device", "cpu", "--variants", "official", "nope"], "unknown variant"),
+        (["--device", "cpu", "--variants", "official", "official"], "twice"),
+        (["--device", "cpu", "--batch_size_per_gpu", "0"], "batch_size_per_gpu"),
+        (["--device", "cpu", "--data_path", "/tmp"], "only used with --data dali"),
+    ],
+)
+def test_cli_rejects_bad_input(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        throughput.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when CUDA is missing")
+def test_cli_cuda_without_gpu_says_what_to_do(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        throughput.parse_args(["--device", "cuda"])
+    assert "--device cpu --preset tiny" in capsys.readouterr().err
+
+
+def test_failed_and_mismatching_variants_are_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broken = throughput.Variant("broken", "cannot be built", od.StepOptions(attn_impl="flash"))
+    monkeypatch.setitem(throughput.VARIANTS, "broken", broken)
+    # A zero bf16 tolerance turns tuned's (correct) rounding differences into a mismatch.
+    monkeypatch.setitem(throughput.CHECK_RTOL, "bf16", 0.0)
+    out = tmp_path / "tiny.json"
+    argv = ["--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out)]
+    payload = throughput.main([*argv, "--variants", "official", "tuned", "broken"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(payload))
+    results = {r["name"]: r for r in payload["variants"]}
+    assert list(results) == ["official", "tuned", "broken"]
+    assert results["official"]["status"] == "ok" and results["official"]["ratio_vs_official"] == 1.0
+    assert results["official"]["check"]["passed"]
+    assert results["tuned"]["status"] == "failed" and "loss mismatch" in results["tuned"]["error"]
+    assert "images_per_s" not in results["tuned"]  # a wrong step is not timed
+    assert results["broken"]["status"] == "failed" and "attn_impl" in results["broken"]["error"]
+    assert payload["all_ok"] is False
+
+
+@pytest.mark.slow
+def test_cpu_tiny_run_reports_every_variant(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--preset", "tiny"]
+    proc = subprocess.run(
+        [*cmd, "--steps", "2", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    payload = json.loads(out.read_text())
+    results = {r["name"]: r for r in payload["variants"]}
+    assert list(results) == list(throughput.DEFAULT_VARIANTS), proc.stderr[-3000:]
+    for name, r in results.items():
+        if r["status"] == "ok":
+            assert r["images_per_s"] > 0 and r["ms_per_step"] > 0 and r["steps"] == 2, name
+            assert r["check"]["passed"], name
+        else:
+            assert r["status"] == "failed" and r["error"], name
+    # The baseline, the tuned step and dino_fast's step must run and agree on the loss on a CPU.
+    for name in ("official", "tuned", "dino_fast"):
+        assert results[name]["status"] == "ok", (name, results[name].get("error"), proc.stderr[-3000:])
+        assert results[name]["check"]["passed"], results[name]["check"]
+    assert payload["environment"]["torch"] == torch.__version__
+    assert payload["flops_per_image"]["total"] > 0
+    assert (proc.returncode == 0) == payload["all_ok"]
+    assert "vs official" in proc.stdout  # the table was printed
