@@ -157,13 +157,16 @@ def _varlen_reason(device: torch.device, dtype: torch.dtype) -> str | None:
             offset += n * length
         ref = torch.cat(outs)
         (ref * grad).sum().add((ref[starts] * grad[starts]).sum()).backward()
-        return (
+        reason = (
             _compare("varlen output", out, ref, dtype)
             or _compare("varlen CLS-query output", out_cls, ref[starts], dtype)
             or _compare("varlen dqkv", packed.grad, ref_packed.grad, dtype)
         )
     except Exception as err:
-        return f"the varlen probe call failed on {device} {dtype} ({type(err).__name__}: {err})"
+        reason = f"the varlen probe call failed on {device} {dtype} ({type(err).__name__}: {err})"
+    if reason is not None:  # available but broken: worth a warning, the fallback is slower
+        log.warning("packed varlen attention disabled, attention runs per crop resolution: %s", reason)
+    return reason
 
 
 @torch.compiler.disable

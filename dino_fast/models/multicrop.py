@@ -28,15 +28,23 @@ from torch import Tensor, nn
 Groups = tuple[tuple[int, int], ...]
 """A packed token layout: ((num_sequences, tokens_per_sequence), ...) per resolution group."""
 
-__all__ = ["DINOModel", "Groups", "cls_rows", "multicrop_forward", "packed_cls_features"]
+__all__ = ["DINOModel", "Groups", "cls_rows", "multicrop_forward", "packed_cls_features", "split_groups"]
+
+
+def split_groups(x: Tensor, groups: Groups) -> tuple[Tensor, ...]:
+    """Packed ``(T, ...)`` rows cut into one chunk per group (views). A split, not slices: its
+    backward is one concatenation, while each slice's backward allocates a zero tensor of all T rows."""
+    if len(groups) == 1:
+        return (x,)
+    return x.split([count * length for count, length in groups])
 
 
 def cls_rows(x: Tensor, groups: Groups) -> Tensor:
     """The first (CLS) row of every sequence of packed ``(T, D)`` tokens: ``(S, D)``."""
-    rows, offset = [], 0
-    for count, length in groups:
-        rows.append(x[offset : offset + count * length].view(count, length, x.shape[-1])[:, 0])
-        offset += count * length
+    rows = [
+        chunk.view(count, length, x.shape[-1])[:, 0]
+        for (count, length), chunk in zip(groups, split_groups(x, groups), strict=True)
+    ]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
 
 

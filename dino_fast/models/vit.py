@@ -38,7 +38,7 @@ from dino_fast.attention import (
     varlen_attention,
     varlen_unavailable_reason,
 )
-from dino_fast.models.multicrop import Groups, cls_rows, packed_cls_features
+from dino_fast.models.multicrop import Groups, cls_rows, packed_cls_features, split_groups
 
 __all__ = [
     "ARCHS",
@@ -165,24 +165,25 @@ class Attention(nn.Module):
             longest = max(length for _, length in groups)
             out = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, longest, longest, scale=self.scale)
             return self.proj_drop(self.proj(out.reshape(T, C)))
-        outs, offset = [], 0
-        for count, length in groups:
-            rows = qkv[offset : offset + count * length].view(count, length, 3, heads, head_dim)
-            q, k, v = (t.transpose(1, 2) for t in rows.unbind(2))
+        outs = []
+        for (count, length), rows in zip(groups, split_groups(qkv, groups), strict=True):
+            q, k, v = (t.transpose(1, 2) for t in rows.view(count, length, 3, heads, head_dim).unbind(2))
             out = attention(q, k, v, backend, scale=self.scale, dropout_p=self._dropout_p())
             # proj per group: its input is the attention output, which attention's backward keeps
             # anyway; projecting a concatenation would keep a second copy of every token.
             outs.append(self.proj(out.transpose(1, 2).reshape(count * length, C)))
-            offset += count * length
         return self.proj_drop(outs[0] if len(outs) == 1 else torch.cat(outs))
 
     def forward_packed_cls(self, h: Tensor, groups: Groups, cu_seqlens: Tensor | None) -> Tensor:
         """Attention + proj for the CLS query of each sequence only: ``(S, D)`` for ``S`` sequences."""
         T, C = h.shape
         heads, head_dim = self.num_heads, self.head_dim
-        weight, bias = self.qkv.weight, self.qkv.bias
-        kv = F.linear(h, weight[C:], None if bias is None else bias[C:])
-        q = F.linear(cls_rows(h, groups), weight[:C], None if bias is None else bias[:C])
+        # split, not slicing: the backward of a split is one concatenation, while every slice's
+        # backward allocates a zero tensor of the whole input.
+        w_q, w_kv = self.qkv.weight.split([C, 2 * C])
+        b_q, b_kv = (None, None) if self.qkv.bias is None else self.qkv.bias.split([C, 2 * C])
+        kv = F.linear(h, w_kv, b_kv)
+        q = F.linear(cls_rows(h, groups), w_q, b_q)
         backend = resolve_backend(self.backend, kv.device, kv.dtype)
         if self._use_varlen(groups, cu_seqlens, kv, backend):
             k, v = kv.view(T, 2, heads, head_dim).unbind(1)
@@ -193,19 +194,13 @@ class Attention(nn.Module):
                 q.view(num_seqs, heads, head_dim), k, v, cu_q, cu_seqlens, 1, longest, scale=self.scale
             )
             return self.proj_drop(self.proj(out.reshape(num_seqs, C)))
-        outs, offset, row = [], 0, 0
-        for count, length in groups:
-            k, v = (
-                t.transpose(1, 2)
-                for t in kv[offset : offset + count * length]
-                .view(count, length, 2, heads, head_dim)
-                .unbind(2)
-            )
-            q_g = q[row : row + count].view(count, 1, heads, head_dim).transpose(1, 2)
+        outs = []
+        q_groups = q.split([count for count, _ in groups])
+        for (count, length), rows, q_g in zip(groups, split_groups(kv, groups), q_groups, strict=True):
+            k, v = (t.transpose(1, 2) for t in rows.view(count, length, 2, heads, head_dim).unbind(2))
+            q_g = q_g.view(count, 1, heads, head_dim).transpose(1, 2)
             out = attention(q_g, k, v, backend, scale=self.scale, dropout_p=self._dropout_p())
             outs.append(out.transpose(1, 2).reshape(count, C))
-            offset += count * length
-            row += count
         return self.proj_drop(self.proj(outs[0] if len(outs) == 1 else torch.cat(outs)))
 
 
