@@ -1,0 +1,205 @@
+"""Teacher EMA benchmark: the official per-parameter loop, torch._foreach_lerp_, one flat lerp_, and
+every available dino_fast backend, on the same parameter lists in the same run.
+
+    python benchmarks/kernels.py --suites ema --device cuda          # ViT-S/16 + DINO head, 44.0M params
+    python benchmarks/kernels.py --suites ema --device cpu           # small set, seconds
+    python benchmarks/kernels.py --suites ema --device cpu --full    # the anchor set on CPU
+
+``run(device, *, full)`` returns one row per implementation: impl, shape, median_ms (p10/p90),
+peak_extra_mib (CUDA), gbps (bytes that must move: read teacher + student, write teacher) and
+vs_foreach, the speed ratio to torch._foreach_lerp_ measured in the same run.
+
+dino_fast rows: "list" calls ``ema_update_`` on the parameter lists every step (what a codebase
+that keeps its own lists gets); "TeacherEMA flat" packs teacher and student (flat=True,
+pack_student=True: one streaming kernel); "TeacherEMA flat teacher" packs only the teacher. Triton
+is timed on CUDA only: on a CPU it would run under its interpreter.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+
+import torch
+from timing import measure
+from torch import Tensor, nn
+
+from dino_fast.backends import available_backends
+from dino_fast.ema import TeacherEMA, ema_update_
+
+MOMENTUM = 0.996  # the start of DINO's cosine momentum schedule
+
+
+def vit_dino_shapes(
+    *,
+    dim: int = 384,
+    depth: int = 12,
+    img_size: int = 224,
+    patch_size: int = 16,
+    in_chans: int = 3,
+    mlp_ratio: int = 4,
+    out_dim: int = 65536,
+    hidden_dim: int = 2048,
+    bottleneck_dim: int = 256,
+) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter of the official DINO ViT (qkv_bias=True) + DINOHead
+    (3-layer MLP, weight-normed last layer), in registration order. Defaults: ViT-S/16, K = 65536:
+    158 tensors, 44,017,792 parameters."""
+    patches = (img_size // patch_size) ** 2
+    shapes: list[tuple[str, tuple[int, ...]]] = [
+        ("backbone.cls_token", (1, 1, dim)),
+        ("backbone.pos_embed", (1, patches + 1, dim)),
+        ("backbone.patch_embed.proj.weight", (dim, in_chans, patch_size, patch_size)),
+        ("backbone.patch_embed.proj.bias", (dim,)),
+    ]
+    hidden = mlp_ratio * dim
+    for i in range(depth):
+        block = f"backbone.blocks.{i}"
+        shapes += [
+            (f"{block}.norm1.weight", (dim,)),
+            (f"{block}.norm1.bias", (dim,)),
+            (f"{block}.attn.qkv.weight", (3 * dim, dim)),
+            (f"{block}.attn.qkv.bias", (3 * dim,)),
+            (f"{block}.attn.proj.weight", (dim, dim)),
+            (f"{block}.attn.proj.bias", (dim,)),
+            (f"{block}.norm2.weight", (dim,)),
+            (f"{block}.norm2.bias", (dim,)),
+            (f"{block}.mlp.fc1.weight", (hidden, dim)),
+            (f"{block}.mlp.fc1.bias", (hidden,)),
+            (f"{block}.mlp.fc2.weight", (dim, hidden)),
+            (f"{block}.mlp.fc2.bias", (dim,)),
+        ]
+    shapes += [
+        ("backbone.norm.weight", (dim,)),
+        ("backbone.norm.bias", (dim,)),
+        ("head.mlp.0.weight", (hidden_dim, dim)),
+        ("head.mlp.0.bias", (hidden_dim,)),
+        ("head.mlp.2.weight", (hidden_dim, hidden_dim)),
+        ("head.mlp.2.bias", (hidden_dim,)),
+        ("head.mlp.4.weight", (bottleneck_dim, hidden_dim)),
+        ("head.mlp.4.bias", (bottleneck_dim,)),
+        ("head.last_layer.weight_g", (out_dim, 1)),
+        ("head.last_layer.weight_v", (out_dim, bottleneck_dim)),
+    ]
+    return shapes
+
+
+FULL_CONFIG: dict[str, int] = {}  # the defaults: ViT-S/16 + DINO head
+SMALL_CONFIG = {
+    "dim": 96,
+    "depth": 4,
+    "img_size": 64,
+    "out_dim": 4096,
+    "hidden_dim": 512,
+    "bottleneck_dim": 64,
+}
+
+
+class ParameterSet(nn.Module):
+    """A module that only holds parameters of the given names and shapes (dots become '__')."""
+
+    def __init__(
+        self, shapes: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype, device: torch.device, seed: int
+    ):
+        super().__init__()
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        for name, shape in shapes:
+            value = torch.randn(shape, generator=generator, dtype=torch.float32).to(
+                device=device, dtype=dtype
+            )
+            self.register_parameter(name.replace(".", "__"), nn.Parameter(value, requires_grad=False))
+
+
+def _bytes_moved(teachers: list[Tensor], students: list[Tensor]) -> int:
+    return sum(
+        t.numel() * (2 * t.element_size() + s.element_size()) for t, s in zip(teachers, students, strict=True)
+    )
+
+
+def _official_loop(teachers: list[Tensor], students: list[Tensor], m: float) -> None:
+    # main_dino.py, as written there.
+    with torch.no_grad():
+        for param_q, param_k in zip(students, teachers, strict=True):
+            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+
+
+def run(
+    device: torch.device,
+    *,
+    full: bool,
+    warmup: int = 5,
+    iters: int = 30,
+    config: dict[str, int] | None = None,
+) -> list[dict]:
+    config = dict(FULL_CONFIG if full else SMALL_CONFIG) if config is None else config
+    shapes = vit_dino_shapes(**config)
+    dtype = torch.float32
+    teacher_module = ParameterSet(shapes, dtype, device, seed=0)
+    student_module = ParameterSet(shapes, dtype, device, seed=1)
+    teachers, students = list(teacher_module.parameters()), list(student_module.parameters())
+    n_params = sum(t.numel() for t in teachers)
+    shape = f"{len(shapes)} tensors, {n_params / 1e6:.1f}M fp32"
+    moved = _bytes_moved(teachers, students)
+    m = MOMENTUM
+
+    cases: list[tuple[str, Callable[[], object], Callable[[], None] | None]] = [
+        ("official per-parameter loop", lambda: _official_loop(teachers, students, m), None),
+        ("torch._foreach_lerp_", lambda: torch._foreach_lerp_(teachers, students, 1 - m), None),
+    ]
+    flat = {}
+
+    def make_flat() -> None:
+        flat["t"] = torch.cat([t.detach().reshape(-1) for t in teachers])
+        flat["s"] = torch.cat([s.detach().reshape(-1) for s in students])
+
+    cases.append(("flat lerp_ (one tensor)", lambda: flat["t"].lerp_(flat["s"], 1 - m), make_flat))
+
+    usable = [name for name, reason in available_backends(device).items() if reason is None]
+    if device.type != "cuda":
+        usable = [name for name in usable if name != "triton"]  # interpreter timings mean nothing
+    for backend in usable:
+        cases.append(
+            (
+                f"dino_fast {backend} list",
+                lambda b=backend: ema_update_(teachers, students, m, backend=b),
+                None,
+            )
+        )
+    packed = {}
+    for backend in usable:
+        for pack_student in (True, False):
+
+            def make_packed(b: str = backend, p: bool = pack_student) -> None:
+                packed.clear()
+                t_mod = ParameterSet(shapes, dtype, device, seed=0)
+                s_mod = ParameterSet(shapes, dtype, device, seed=1)
+                packed["ema"] = TeacherEMA(t_mod, s_mod, flat=True, pack_student=p, backend=b)
+                packed["modules"] = (t_mod, s_mod)
+
+            label = "flat" if pack_student else "flat teacher"
+            cases.append((f"TeacherEMA {backend} {label}", lambda: packed["ema"].update(m), make_packed))
+
+    rows = []
+    foreach_ms = None
+    for impl, fn, setup in cases:
+        if setup is not None:
+            setup()
+        stats = measure(fn, device=device, warmup=warmup, iters=iters)
+        if impl == "torch._foreach_lerp_":
+            foreach_ms = stats["median_ms"]
+        rows.append(
+            {
+                "impl": impl,
+                "shape": shape,
+                "n_tensors": len(shapes),
+                "n_params": n_params,
+                **stats,
+                "gbps": moved / (stats["median_ms"] * 1e6),
+            }
+        )
+        flat.clear()
+        packed.clear()
+        gc.collect()
+    for row in rows:
+        row["vs_foreach"] = foreach_ms / row["median_ms"] if foreach_ms else None
+    return rows
