@@ -335,16 +335,19 @@ class DALIMultiCropLoader(MultiCropLoader):
         feed = self._feed
         assert feed is not None
         in_flight = np.unique(feed.plan[first_unconsumed : max(feed.next_step, first_unconsumed + 1)])
-        bad = []
-        for i in in_flight.tolist():
-            path = self._path(i)
+
+        def pil_decodes(i: int) -> bool:
             try:
-                inspect_image(path, mode="full")
-                usable = self._probe_decode(path)
+                inspect_image(self._path(i), mode="full")
             except UnusableImageError:
-                usable = False
-            if not usable:
-                bad.append(i)
+                return False
+            return True
+
+        bad = [i for i in in_flight.tolist() if not pil_decodes(i)]
+        if not bad:
+            # PIL decodes them all: ask this loader's own decoder, one file at a time (slow,
+            # a pipeline per file, hence only when the cheap check finds nothing).
+            bad = [i for i in in_flight.tolist() if not self._probe_decode(self._path(i))]
         if not bad:
             raise RuntimeError(
                 f"the DALI pipeline failed on a batch whose files each decode on their own: {err}"
