@@ -42,7 +42,7 @@ WHEELS=(
 PYTHON=${PYTHON:-python}
 
 if [[ "${1:-}" == "--install" ]]; then
-  parts_dir=${2:?usage: dali_bundle.sh --install PARTS_DIR TARGET}
+  parts_dir=$(cd "${2:?usage: dali_bundle.sh --install PARTS_DIR TARGET}" && pwd)
   target=${3:?usage: dali_bundle.sh --install PARTS_DIR TARGET}
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
