@@ -4,7 +4,8 @@
 #   run every benchmark at the anchor shapes, and leave a log plus JSON under $OUT.
 #
 # Device call (repo root):  bash benchmarks/gpu_check.sh
-# With DALI carried in parts (benchmarks/dali_bundle.sh), the last part's call runs
+# With DALI carried in parts (benchmarks/dali_bundle.sh: one call per part copies it to
+# /tmp/dali_parts), the last part's call runs
 #   DALI_PARTS_DIR=/tmp/dali_parts bash benchmarks/gpu_check.sh
 # Steps can be chosen: GPU_CHECK_STEPS="build tests kernels throughput data" (the default: all).
 set -uo pipefail
@@ -39,9 +40,8 @@ json.dump(info, open(os.path.join(os.environ.get("OUT", "."), "environment.json"
 PY
 
 if [ -n "${DALI_PARTS_DIR:-}" ] && [ -d "$DALI_PARTS_DIR" ]; then
-  echo "=== installing DALI from $DALI_PARTS_DIR"
-  cat "$DALI_PARTS_DIR"/dali.tar.part* | tar -x -C /tmp && \
-    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/dali_wheels/*.whl && \
+  # The parts were copied there by the previous calls (benchmarks/dali_bundle.sh explains).
+  bash benchmarks/dali_bundle.sh --install "$DALI_PARTS_DIR" /tmp/site &&
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
@@ -65,7 +65,8 @@ if wants throughput; then
   done
 fi
 if wants data && $PY -c "import nvidia.dali" 2>/dev/null; then
-  step data 240 $PY benchmarks/data_loading.py --pipeline dali --device cuda --json "$OUT/data_loading.json"
+  step data 240 $PY benchmarks/data_loading.py --pipeline dali synthetic --device cuda --batch_size 128 \
+    --num_images 1024 --steps 30 --json "$OUT/data_loading.json"
 fi
 
 if [ "${#failed[@]}" -gt 0 ]; then
