@@ -338,6 +338,44 @@ def test_drop_path_eval_mode_matches_official_and_is_deterministic():
         torch.testing.assert_close(first, official_loop(ref, [g, loc]), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_add_norm_path_matches_official(training, monkeypatch):
+    # The CUDA default (kernels/add_layer_norm.py), forced on CPU under the Triton interpreter:
+    # in training with drop path its per-row factors go through the kernel too.
+    from dino_fast.kernels import add_layer_norm as kernel
+
+    launches = []
+    real_forward = kernel._forward
+    monkeypatch.setattr(kernel, "_forward", lambda *a: launches.append(1) or real_forward(*a))
+    ours, ref = small_pair(16, drop_path_rate=0.5 if training else 0.0, seed=38)
+    ours.fused_norm = True
+    ours.train(training), ref.train(training)
+    g, loc = images(4, 64, seed=39), images(8, 32, seed=40)
+    torch.manual_seed(41)
+    out = models.multicrop_forward(ours, g, loc)
+    torch.manual_seed(41)
+    want = official_loop(ref, [g, loc])
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-4)
+    assert len(launches) == 5  # norm1 of block 0, then norm2 and the next norm1 of blocks 0 and 1
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(42))
+    out.backward(grad)
+    want.backward(grad)
+    if training:
+        monkeypatch.setattr(official, "drop_path", drop_path_fp32_draws)
+    _, grads64, _ = official_fp64(ref, [g, loc], grad, seed=41 if training else None)
+    assert_grads_match(ours, ref, grads64)
+
+
+def test_fused_norm_true_where_it_cannot_run_is_an_error(monkeypatch):
+    ours, _ = small_pair(16)
+    ours.fused_norm = True
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="fused_norm=True needs triton and a CUDA device"):
+        ours(images(2, 32, seed=0))
+    ours.fused_norm = False  # never fused: the plain ops run anywhere
+    assert ours(images(2, 32, seed=0)).shape == (2, 48)
+
+
 def test_cpu_bf16_autocast_stays_close_to_fp32():
     # The training precision on CPU: matmuls in bf16, the residual stream in fp32.
     ours, ref = small_pair(16, seed=26)

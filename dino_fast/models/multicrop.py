@@ -8,6 +8,7 @@ resolutions travel together as one packed ``(total_tokens, D)`` matrix:
               group 0: 2B sequences of 1 + (224/p)^2 tokens, group 1: LB sequences of 1 + (96/p)^2
     block:    LayerNorm, qkv, proj, MLP, residuals   on all T rows at once (large matmuls, one launch)
               attention                              per group, or one packed varlen call (CUDA)
+              residual add + drop path + next LN      one Triton kernel on CUDA (kernels/add_layer_norm.py)
     last:     keys/values of every token, everything else for the S = (2 + L) * B CLS rows only
     output:   norm(CLS rows)  (S, D), crop-major like the official loop
 
@@ -22,13 +23,26 @@ one ``torch.rand`` call, so on CPU a seeded run reproduces the official loop's s
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
+
 import torch
 from torch import Tensor, nn
 
 Groups = tuple[tuple[int, int], ...]
 """A packed token layout: ((num_sequences, tokens_per_sequence), ...) per resolution group."""
 
-__all__ = ["DINOModel", "Groups", "cls_rows", "multicrop_forward", "packed_cls_features", "split_groups"]
+__all__ = [
+    "DINOModel",
+    "Groups",
+    "add_norm",
+    "cls_rows",
+    "multicrop_forward",
+    "packed_cls_features",
+    "residual_add",
+    "split_groups",
+]
 
 
 def split_groups(x: Tensor, groups: Groups) -> tuple[Tensor, ...]:
@@ -46,6 +60,60 @@ def cls_rows(x: Tensor, groups: Groups) -> Tensor:
         for (count, length), chunk in zip(groups, split_groups(x, groups), strict=True)
     ]
     return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def residual_add(x: Tensor, y: Tensor, scale: Tensor | None) -> Tensor:
+    """``x + drop_path(y)``, the per-row keep/(1 - p) factor ``scale`` folded into one addcmul."""
+    return x + y if scale is None else torch.addcmul(x, y, scale.unsqueeze(-1))
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _fusable(x: Tensor, norm: nn.Module, fused: bool | None) -> bool:
+    if fused is False or torch.compiler.is_compiling():
+        return False
+    layer_norm_ok = (
+        isinstance(norm, nn.LayerNorm)
+        and norm.weight is not None
+        and norm.bias is not None
+        and tuple(norm.normalized_shape) == (x.shape[-1],)
+        and x.dim() == 2
+        and x.shape[-1] <= 8192
+    )
+    if fused is None:
+        return layer_norm_ok and x.is_cuda and _triton_importable()
+    if not layer_norm_ok:
+        raise ValueError(
+            f"fused_norm=True needs nn.LayerNorm with weight and bias over (T, D) tokens, got {norm}"
+        )
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_importable():
+        raise RuntimeError(
+            "fused_norm=True needs triton and a CUDA device (or TRITON_INTERPRET=1 set before importing "
+            "dino_fast on a CPU); use fused_norm=None to fuse only where it can run"
+        )
+    return True
+
+
+def add_norm(
+    x: Tensor, y: Tensor | None, scale: Tensor | None, norm: nn.Module, fused: bool | None
+) -> tuple[Tensor, Tensor]:
+    """``x' = x + drop_path(y)`` (``x`` itself when ``y`` is None) and ``norm(x')``, as one Triton
+    kernel where :func:`_fusable`. The fused norm is written in the autocast dtype, which is
+    exactly what autocast's fp32 LayerNorm followed by the next matmul's cast gives."""
+    if _fusable(x, norm, fused):
+        from dino_fast.kernels.add_layer_norm import add_layer_norm, layer_norm
+
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if y is None:
+            return x, layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype)
+        return add_layer_norm(x, y, scale, norm.weight, norm.bias, norm.eps, out_dtype)
+    if y is not None:
+        x = residual_add(x, y, scale)
+    return x, norm(x)
 
 
 def _drop_path_scales(
@@ -100,9 +168,11 @@ def packed_cls_features(backbone: nn.Module, crops: list[Tensor]) -> Tensor:
         cu_seqlens = cumulative_lengths(groups, device)
     blocks = backbone.blocks
     token_scales, seq_scales = _drop_path_scales(blocks, groups, device, backbone.training)
+    fused = getattr(backbone, "fused_norm", False)
+    x, h = add_norm(x, None, None, blocks[0].norm1, fused)
     for i in range(len(blocks) - 1):
-        x = blocks[i].forward_packed(x, groups, cu_seqlens, token_scales[i])
-    x_cls = blocks[-1].forward_packed_cls(x, groups, cu_seqlens, seq_scales[-1])
+        x, h = blocks[i].forward_packed(x, h, groups, cu_seqlens, token_scales[i], blocks[i + 1].norm1, fused)
+    x_cls = blocks[-1].forward_packed_cls(x, h, groups, cu_seqlens, seq_scales[-1])
     return backbone.norm(x_cls)
 
 

@@ -12,7 +12,9 @@ What differs from the official code is how the tokens flow, not what is computed
   packed varlen call on CUDA). The last block computes only what the CLS output depends on:
   keys/values for every token, but queries, proj, MLP and the final norm for the CLS rows only
   (LayerNorm is per token and the output is ``norm(x)[:, 0]``, so the patch rows of the last
-  block never reach it).
+  block never reach it). On CUDA each residual add (with its drop-path factor) and the LayerNorm
+  after it run as one Triton kernel that writes the fp32 residual and the bf16 normed tokens
+  (``fused_norm``).
 - Attention is pluggable (:mod:`dino_fast.attention`); ``get_last_selfattention`` always uses
   the explicit backend because it returns the weights.
 - Per-block methods ``Block.forward(x)`` on ``(B, N, D)`` keep the official computation step by
@@ -38,7 +40,14 @@ from dino_fast.attention import (
     varlen_attention,
     varlen_unavailable_reason,
 )
-from dino_fast.models.multicrop import Groups, cls_rows, packed_cls_features, split_groups
+from dino_fast.models.multicrop import (
+    Groups,
+    add_norm,
+    cls_rows,
+    packed_cls_features,
+    residual_add,
+    split_groups,
+)
 
 __all__ = [
     "ARCHS",
@@ -204,11 +213,6 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(outs[0] if len(outs) == 1 else torch.cat(outs)))
 
 
-def _residual(x: Tensor, y: Tensor, scale: Tensor | None) -> Tensor:
-    # x + drop_path(y) with the per-token keep/(1-p) factor folded into one addcmul.
-    return x + y if scale is None else torch.addcmul(x, y, scale.unsqueeze(-1))
-
-
 class Block(nn.Module):
     def __init__(
         self,
@@ -240,24 +244,30 @@ class Block(nn.Module):
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def forward_packed(
-        self, x: Tensor, groups: Groups, cu_seqlens: Tensor | None, drop_scale: Tensor | None
-    ) -> Tensor:
-        """The block on packed ``(T, D)`` tokens; ``drop_scale`` ``(2, T)``: per-token drop-path
-        factors of the two residual branches, or None without drop path."""
-        x = _residual(
-            x,
-            self.attn.forward_packed(self.norm1(x), groups, cu_seqlens),
-            None if drop_scale is None else drop_scale[0],
-        )
-        return _residual(x, self.mlp(self.norm2(x)), None if drop_scale is None else drop_scale[1])
+        self,
+        x: Tensor,
+        h: Tensor,
+        groups: Groups,
+        cu_seqlens: Tensor | None,
+        drop_scale: Tensor | None,
+        next_norm: nn.Module,
+        fused: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """The block on packed ``(T, D)`` tokens ``x`` given ``h = norm1(x)``; returns the new
+        residual stream and ``next_norm`` of it (the next block's norm1), each residual add fused
+        with the LayerNorm that follows it when ``fused``. ``drop_scale`` ``(2, T)``: per-token
+        drop-path factors of the two residual branches, or None without drop path."""
+        y = self.attn.forward_packed(h, groups, cu_seqlens)
+        x, h = add_norm(x, y, None if drop_scale is None else drop_scale[0], self.norm2, fused)
+        return add_norm(x, self.mlp(h), None if drop_scale is None else drop_scale[1], next_norm, fused)
 
     def forward_packed_cls(
-        self, x: Tensor, groups: Groups, cu_seqlens: Tensor | None, drop_scale: Tensor | None
+        self, x: Tensor, h: Tensor, groups: Groups, cu_seqlens: Tensor | None, drop_scale: Tensor | None
     ) -> Tensor:
-        """The block's CLS rows ``(S, D)`` only; ``drop_scale`` ``(2, S)`` per sequence."""
-        y = self.attn.forward_packed_cls(self.norm1(x), groups, cu_seqlens)
-        x_cls = _residual(cls_rows(x, groups), y, None if drop_scale is None else drop_scale[0])
-        return _residual(x_cls, self.mlp(self.norm2(x_cls)), None if drop_scale is None else drop_scale[1])
+        """The block's CLS rows ``(S, D)`` only, given ``h = norm1(x)``; ``drop_scale`` ``(2, S)``."""
+        y = self.attn.forward_packed_cls(h, groups, cu_seqlens)
+        x_cls = residual_add(cls_rows(x, groups), y, None if drop_scale is None else drop_scale[0])
+        return residual_add(x_cls, self.mlp(self.norm2(x_cls)), None if drop_scale is None else drop_scale[1])
 
 
 class PatchEmbed(nn.Module):
@@ -298,6 +308,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
+        fused_norm: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -311,6 +322,10 @@ class VisionTransformer(nn.Module):
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.drop_path_rate = drop_path_rate
+        # Packed forward: residual add + LayerNorm as one Triton kernel (kernels/add_layer_norm.py).
+        # None: on CUDA, outside torch.compile (inductor fuses them itself); True: also on CPU
+        # under the Triton interpreter (tests); False: never.
+        self.fused_norm = fused_norm
         self.patch_embed = PatchEmbed(
             img_size=img_size[0], patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
         )
