@@ -48,8 +48,17 @@ import triton.language as tl
 # reason FMA contraction is off in these kernels: x = s / tau_s must round identically in the max, the
 # exponentials and the backward, so that a saturated softmax comes out exactly one-hot.
 
-_MAX_BLOCK_K = 2048  # 8 columns per thread at 8 warps: one 16-byte load per bf16 row and thread
-_PROGRAMS_PER_SM = 4  # resident programs per SM the forward aims for when it groups samples
+# Launch configuration (sm_90, bf16, K=65536, read off ptxas for these kernels): 1024 columns over
+# 4 warps is 8 per thread, one 16-byte load per bf16 row, with the next row already in flight. The
+# forward then needs ~95 registers (5 programs per SM), the backward ~56 (9 per SM): about 20 and
+# 37 KB of loads in flight per SM, which is what HBM3's latency asks for. Bigger tiles cost
+# registers faster than they add bytes in flight. The interpreter runs programs one at a time in
+# Python, so it gets the largest tile instead (fewer programs, same code).
+_MAX_BLOCK_K = 1024
+_MAX_BLOCK_K_INTERPRETED = 4096
+# Forward programs per SM the sample grouping aims for: about three waves of 5 resident programs,
+# so the last, partial wave costs little, while the (n_groups, K) column-sum partials stay ~8 MiB.
+_PROGRAMS_PER_SM = 16
 
 
 @functools.cache
@@ -67,7 +76,7 @@ def _acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 
 def _block_k(K: int, block_k: int | None) -> int:
     if block_k is None:
-        return min(_MAX_BLOCK_K, triton.next_power_of_2(K))
+        return min(_MAX_BLOCK_K_INTERPRETED if _interpreting() else _MAX_BLOCK_K, triton.next_power_of_2(K))
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     return block_k
@@ -139,10 +148,10 @@ def _dino_loss_fwd_kernel(
     NCROPS: tl.constexpr,
     N_GLOBAL: tl.constexpr,
     G_PAD: tl.constexpr,
+    NSTAT: tl.constexpr,  # 2 * G_PAD + 2 * NCROPS + G_PAD * NCROPS
     BLOCK_K: tl.constexpr,
     ACC: tl.constexpr,
 ):
-    NSTAT: tl.constexpr = 2 * G_PAD + 2 * NCROPS + G_PAD * NCROPS
     pid_k = tl.program_id(0)
     pid_g = tl.program_id(1)
     n_chunks = tl.num_programs(0)
@@ -168,9 +177,13 @@ def _dino_loss_fwd_kernel(
             base = stats_ptr + (b.to(tl.int64) * n_chunks + pid_k) * NSTAT
             tl.store(base + g, m_t, mask=g_ok)
             tl.store(base + G_PAD + g, z_t, mask=g_ok)
+            # One student row is always in flight ahead of the one being reduced (software
+            # pipelining by hand): the last iteration re-reads its own row, a cache hit.
+            s_next = tl.load(student_ptr + b.to(tl.int64) * stride_s + cols, mask=col_ok, other=0.0)
             for v in tl.range(0, NCROPS):
-                s_row = (v * B + b).to(tl.int64)
-                s = tl.load(student_ptr + s_row * stride_s + cols, mask=col_ok, other=0.0).to(ACC)
+                s = s_next.to(ACC)
+                s_ahead = (tl.minimum(v + 1, NCROPS - 1) * B + b).to(tl.int64)
+                s_next = tl.load(student_ptr + s_ahead * stride_s + cols, mask=col_ok, other=0.0)
                 x = tl.where(col_ok, s * inv_student_temp, -float("inf"))
                 m_v = tl.max(x, axis=0)
                 z_v = tl.sum(tl.exp(x - m_v), axis=0)
@@ -198,13 +211,13 @@ def _dino_loss_combine_kernel(
     N_GLOBAL: tl.constexpr,
     G_PAD: tl.constexpr,
     V_PAD: tl.constexpr,
+    NSTAT: tl.constexpr,
     CHUNK_BLOCK: tl.constexpr,
     COL_BLOCK: tl.constexpr,
     ACC: tl.constexpr,
 ):
     # Programs [0, B) combine one sample's chunk statistics; the rest sum the column-sum partials,
     # so the whole second stage is one launch.
-    NSTAT: tl.constexpr = 2 * G_PAD + 2 * NCROPS + G_PAD * NCROPS
     pid = tl.program_id(0)
     if pid < B:
         g = tl.arange(0, G_PAD)
@@ -212,10 +225,9 @@ def _dino_loss_combine_kernel(
         g_ok = g < N_GLOBAL
         v_ok = v < NCROPS
         base = stats_ptr + pid.to(tl.int64) * n_chunks * NSTAT
-        neg_inf = -float("inf")
-        M_t = tl.full([G_PAD], neg_inf, ACC)
+        M_t = tl.full([G_PAD], float("-inf"), ACC)
         Z_t = tl.zeros([G_PAD], ACC)
-        M_v = tl.full([V_PAD], neg_inf, ACC)
+        M_v = tl.full([V_PAD], float("-inf"), ACC)
         Z_v = tl.zeros([V_PAD], ACC)
         for c0 in tl.range(0, n_chunks, CHUNK_BLOCK):
             c = c0 + tl.arange(0, CHUNK_BLOCK)
@@ -223,9 +235,9 @@ def _dino_loss_combine_kernel(
             row = base + c[:, None] * NSTAT
             ct_ok = c_ok[:, None] & g_ok[None, :]
             cv_ok = c_ok[:, None] & v_ok[None, :]
-            m_t = tl.load(row + g[None, :], mask=ct_ok, other=neg_inf)
+            m_t = tl.load(row + g[None, :], mask=ct_ok, other=float("-inf"))
             z_t = tl.load(row + G_PAD + g[None, :], mask=ct_ok, other=0.0)
-            m_v = tl.load(row + 2 * G_PAD + v[None, :], mask=cv_ok, other=neg_inf)
+            m_v = tl.load(row + 2 * G_PAD + v[None, :], mask=cv_ok, other=float("-inf"))
             z_v = tl.load(row + 2 * G_PAD + NCROPS + v[None, :], mask=cv_ok, other=0.0)
             new_t = tl.where(g_ok, tl.maximum(M_t, tl.max(m_t, axis=0)), 0.0)
             new_v = tl.where(v_ok, tl.maximum(M_v, tl.max(m_v, axis=0)), 0.0)
@@ -242,7 +254,7 @@ def _dino_loss_combine_kernel(
             row = base + c[:, None] * NSTAT
             ct_ok = c_ok[:, None] & g_ok[None, :]
             cv_ok = c_ok[:, None] & v_ok[None, :]
-            m_t = tl.load(row + g[None, :], mask=ct_ok, other=neg_inf)
+            m_t = tl.load(row + g[None, :], mask=ct_ok, other=float("-inf"))
             z_t = tl.load(row + G_PAD + g[None, :], mask=ct_ok, other=0.0)
             m_v = tl.load(row + 2 * G_PAD + v[None, :], mask=cv_ok, other=0.0)
             d_off = 2 * G_PAD + 2 * NCROPS + g[None, :, None] * NCROPS + v[None, None, :]
@@ -308,9 +320,12 @@ def _dino_loss_bwd_kernel(
     q = tl.where(tile_ok, tl.exp((a - M_t[:, None]) - log_Z_t[:, None]), 0.0)
     q_total = tl.sum(q, axis=0)
     scale = tl.load(grad_loss_ptr).to(ACC) * inv_student_temp / tl.cast(pair_count, ACC)
+    s_next = tl.load(student_ptr + b.to(tl.int64) * stride_s + cols, mask=col_ok, other=0.0)
     for v in tl.range(0, NCROPS):
         s_row = (v * B + b).to(tl.int64)
-        s = tl.load(student_ptr + s_row * stride_s + cols, mask=col_ok, other=0.0).to(ACC)
+        s = s_next.to(ACC)
+        s_ahead = (tl.minimum(v + 1, NCROPS - 1) * B + b).to(tl.int64)
+        s_next = tl.load(student_ptr + s_ahead * stride_s + cols, mask=col_ok, other=0.0)
         M_v = tl.load(student_stats_ptr + s_row * 2)
         log_Z_v = tl.load(student_stats_ptr + s_row * 2 + 1)
         p = tl.exp((s * inv_student_temp - M_v) - log_Z_v)
@@ -370,6 +385,7 @@ def dino_loss_forward(
         NCROPS=ncrops,
         N_GLOBAL=n_global,
         G_PAD=g_pad,
+        NSTAT=nstat,
         BLOCK_K=block,
         ACC=acc_tl,
         num_warps=_num_warps(block),
@@ -379,7 +395,7 @@ def dino_loss_forward(
     student_stats = torch.empty((ncrops * batch, 2), dtype=acc_torch, device=device)
     teacher_stats = torch.empty((n_global * batch, 2), dtype=acc_torch, device=device)
     sample_loss = torch.empty(batch, dtype=acc_torch, device=device)
-    col_block = 1024
+    col_block = 256  # K / 256 programs share the column-sum reduction
     _dino_loss_combine_kernel[(batch + triton.cdiv(K, col_block),)](
         stats,
         colsum_part,
@@ -395,6 +411,7 @@ def dino_loss_forward(
         N_GLOBAL=n_global,
         G_PAD=g_pad,
         V_PAD=triton.next_power_of_2(ncrops),
+        NSTAT=nstat,
         CHUNK_BLOCK=min(64, triton.next_power_of_2(n_chunks)),
         COL_BLOCK=col_block,
         ACC=acc_tl,
