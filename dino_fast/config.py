@@ -104,8 +104,8 @@ class TrainConfig:
     device: str = "auto"
     # Images per epoch per process for --data synthetic (there is no folder to count).
     synthetic_size: int = 1281167
-    # Fashion-MNIST training images used by the demo (0: all 60,000).
-    demo_train_images: int = 0
+    # Fashion-MNIST images per class the demo uses in each split (0: all, 6,000 train / 1,000 test).
+    demo_max_per_class: int = 0
     preset: str | None = None
 
     # ------------------------------------------------------------------
@@ -284,7 +284,7 @@ def _preset_values(name: str) -> dict[str, Any]:
             "teacher_temp": 0.04,
             "drop_path_rate": 0.0,
             "freeze_last_layer": 1,
-            "demo_train_images": 0 if on_gpu else 4096,
+            "demo_max_per_class": 0 if on_gpu else 400,
             "data": "torchvision",
             "data_path": "",
             "output_dir": "runs/demo",
@@ -594,10 +594,10 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
         help="images per epoch for --data synthetic (default: ImageNet-1k's 1,281,167)",
     )
     g.add_argument(
-        "--demo_train_images",
+        "--demo_max_per_class",
         type=int,
-        default=d.demo_train_images,
-        help="Fashion-MNIST training images the demo uses (0: all 60,000)",
+        default=d.demo_max_per_class,
+        help="Fashion-MNIST images per class (of 10) the demo trains and evaluates on (0: all)",
     )
     return p
 

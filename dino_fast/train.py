@@ -213,6 +213,10 @@ class Trainer:
         teacher.requires_grad_(False)
         self.student = student
         self.teacher = teacher
+        # The EMA packs both models' parameters into one flat buffer each (one streaming kernel
+        # per step); it must see the bare student before the optimizer and DDP record its storage.
+        self.ema = TeacherEMA(teacher, student, flat=True, pack_student=True, backend=config.backend)
+        self.optimizer = build_optimizer(config.optimizer, get_params_groups(student), self.device)
 
         self.student_ddp: nn.Module = student
         if world_size > 1 and distributed.is_initialized():
@@ -232,12 +236,9 @@ class Trainer:
             backend=config.backend,
         ).to(self.device)
 
-        self.optimizer = build_optimizer(config.optimizer, get_params_groups(student), self.device)
         self.scaler: torch.amp.GradScaler | None = None
         if self.precision == "fp16":
             self.scaler = torch.amp.GradScaler(self.device.type)
-
-        self.ema = TeacherEMA(teacher, student, backend=config.backend)
         self.schedules: Schedules = build_schedules(config, steps_per_epoch, world_size)
         self._last_layer_params = [p for n, p in student.named_parameters() if "last_layer" in n]
         self._clip_params = [p for p in student.parameters() if p.requires_grad]
@@ -338,7 +339,7 @@ def resolve_data_path(config: TrainConfig) -> Path | None:
     if config.preset == "demo" and not config.data_path:
         from dino_fast.data.demo import prepare_fashion_mnist
 
-        return Path(prepare_fashion_mnist(train_images=config.demo_train_images or None)) / "train"
+        return Path(prepare_fashion_mnist(max_per_class=config.demo_max_per_class or None)) / "train"
     return Path(config.data_path)
 
 
@@ -346,11 +347,11 @@ def build_loader(config: TrainConfig, info: distributed.DistInfo, data_root: Pat
     from dino_fast.data import MultiCropAugmentation, make_loader
 
     augment = MultiCropAugmentation(
+        global_crop_size=config.global_crops_size,
+        local_crop_size=config.local_crops_size,
         global_crops_scale=tuple(config.global_crops_scale),
         local_crops_scale=tuple(config.local_crops_scale),
         local_crops_number=config.local_crops_number,
-        global_crops_size=config.global_crops_size,
-        local_crops_size=config.local_crops_size,
     )
     kwargs: dict[str, Any] = {}
     if config.data == "synthetic":
@@ -415,13 +416,20 @@ def _gpu_mem_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
-def _op_backends(config: TrainConfig, device: torch.device) -> dict[str, str]:
-    from dino_fast.backends import available_backends
+def _kernel_choices(config: TrainConfig, trainer: Trainer) -> str:
+    """Which implementation runs each fused part, as dino_fast.backends resolves it for this device."""
+    from dino_fast import loss as loss_mod
+    from dino_fast.backends import available_backends, select_backend
 
-    chosen = {}
-    for name, reason in available_backends(device).items():
-        chosen[name] = "available" if reason is None else f"unavailable ({reason.split(';')[0]})"
-    return chosen
+    loss_backend = select_backend(
+        config.backend, trainer.device, op="dino_loss", native_op=loss_mod.NATIVE_FORWARD_OP
+    )
+    attention = getattr(trainer.student.backbone, "attn_backend", config.attn_backend)
+    usable = [name for name, reason in available_backends(trainer.device).items() if reason is None]
+    return (
+        f"dino_loss {loss_backend}, teacher EMA {trainer.ema.backend} (flat buffers), attention {attention} "
+        f"(usable op backends here: {', '.join(usable)})"
+    )
 
 
 def _summary(
@@ -456,20 +464,11 @@ def _summary(
         f"{' (fused)' if trainer.optimizer.defaults.get('fused') else ''}, clip {config.clip_grad:g} "
         f"(global norm), freeze last layer {config.freeze_last_layer} ep, precision {trainer.precision}, "
         f"compile {config.compile_mode if config.compile else 'off'}",
-        f"  kernels: loss {_describe(trainer.dino_loss)}, ema {_describe(trainer.ema)}, attention "
-        f"{config.attn_backend}; backends {_op_backends(config, info.device)}",
+        f"  kernels: {_kernel_choices(config, trainer)}",
         f"  run: iterations {start_iteration} -> {end_iteration}"
         f"{' (resumed)' if start_iteration else ''}; output {Path(config.output_dir).resolve()}",
     ]
     return "\n".join(lines)
-
-
-def _describe(module: Any) -> str:
-    for attr in ("backend_name", "backend", "selected_backend"):
-        value = getattr(module, attr, None)
-        if isinstance(value, str):
-            return value
-    return "auto"
 
 
 def train(
