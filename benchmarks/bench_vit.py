@@ -15,6 +15,8 @@ Implementations, all on the same weights:
   (:func:`dino_fast.models.multicrop_forward`), attention backend ``auto``.
 - ``dino_fast/multicrop-per-group`` (CUDA only): the same with attention pinned to flash per
   resolution group instead of one packed varlen call.
+- ``dino_fast/multicrop-unfused-norm`` (CUDA only): the same without the fused residual-add +
+  LayerNorm kernel (plain addcmul + layer_norm under autocast).
 - ``+compile`` rows (``--compile``): ``torch.compile`` of the official SDPA loop and of dino_fast.
 
 The student is the whole DINO student (backbone with drop path 0.1 in train mode + DINOHead,
@@ -148,21 +150,30 @@ def _teacher_step(
     return step
 
 
-def _impls(device: torch.device, compile_: bool) -> list[tuple[str, str, Callable[..., Tensor], bool]]:
-    """(name, attention backend, forward, compiled)."""
-    rows = [
-        ("official-loop/explicit", "explicit", official_loop, False),
-        ("official-loop/sdpa", "sdpa", official_loop, False),
-        ("dino_fast/multicrop", "auto", packed, False),
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    attn_backend: str
+    forward: Callable[..., Tensor]
+    compiled: bool = False
+    fused_norm: bool | None = None  # the packed path's add+LayerNorm kernel (None: on CUDA)
+
+
+def _impls(device: torch.device, compile_: bool) -> list[Impl]:
+    impls = [
+        Impl("official-loop/explicit", "explicit", official_loop),
+        Impl("official-loop/sdpa", "sdpa", official_loop),
+        Impl("dino_fast/multicrop", "auto", packed),
     ]
-    if device.type == "cuda":
-        rows.append(("dino_fast/multicrop-per-group", "sdpa:flash", packed, False))
+    if device.type == "cuda":  # what each piece buys: no varlen, no fused add+LayerNorm
+        impls.append(Impl("dino_fast/multicrop-per-group", "sdpa:flash", packed))
+        impls.append(Impl("dino_fast/multicrop-unfused-norm", "auto", packed, fused_norm=False))
     if compile_:
-        rows += [
-            ("official-loop/sdpa+compile", "sdpa", official_loop, True),
-            ("dino_fast/multicrop+compile", "auto", packed, True),
+        impls += [
+            Impl("official-loop/sdpa+compile", "sdpa", official_loop, compiled=True),
+            Impl("dino_fast/multicrop+compile", "auto", packed, compiled=True),
         ]
-    return rows
+    return impls
 
 
 def run(device: torch.device, *, full: bool, compile_: bool = False) -> list[dict[str, Any]]:
@@ -185,10 +196,11 @@ def run(device: torch.device, *, full: bool, compile_: bool = False) -> list[dic
             setup.n_local * batch, 3, setup.local_size, setup.local_size, device=device, generator=gen
         )
         shape = f"{setup.name} B={batch} 2x{setup.global_size}+{setup.n_local}x{setup.local_size}"
-        for impl, backend, forward, compiled in _impls(device, compile_):
+        for impl in _impls(device, compile_):
             for role, model in (("student fwd+bwd", student), ("teacher fwd", teacher)):
-                model.backbone.set_attn_backend(backend)
-                fwd = torch.compile(forward, dynamic=False) if compiled else forward
+                model.backbone.set_attn_backend(impl.attn_backend)
+                model.backbone.fused_norm = impl.fused_norm
+                fwd = torch.compile(impl.forward, dynamic=False) if impl.compiled else impl.forward
                 if role.startswith("student"):
                     step = _student_step(model, fwd, g, loc, device, amp)
                 else:
@@ -196,17 +208,18 @@ def run(device: torch.device, *, full: bool, compile_: bool = False) -> list[dic
                 try:
                     result = measure(step, device=device, warmup=setup.warmup, iters=setup.iters)
                 except torch.OutOfMemoryError as err:
-                    rows.append({"impl": f"{impl} [{role}]", "shape": shape, "error": f"OOM: {err}"})
+                    rows.append({"impl": f"{impl.name} [{role}]", "shape": shape, "error": f"OOM: {err}"})
                     continue
                 finally:
                     student.zero_grad(set_to_none=True)
                 rows.append(
                     {
-                        "impl": f"{impl} [{role}]",
+                        "impl": f"{impl.name} [{role}]",
                         "shape": shape,
                         "role": role,
                         "batch": batch,
-                        "attn_backend": backend,
+                        "attn_backend": impl.attn_backend,
+                        "fused_norm": impl.fused_norm,
                         "dtype": str(compute_dtype).removeprefix("torch."),
                         "images_per_s": batch * 1e3 / result["median_ms"],
                         **result,

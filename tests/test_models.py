@@ -508,22 +508,36 @@ def _gpu_crops(batch):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "sdpa", "sdpa:flash", "explicit"])
-def test_gpu_bf16_multicrop_matches_fp32_official(backend):
+def test_gpu_bf16_multicrop_matches_fp32_official(backend, monkeypatch):
+    # ViT-S/16 at the real crop sizes (B=4). The fp32 official loop is the truth (no TF32 in the
+    # patch-embedding conv); dino_fast under bf16 autocast must be about as close to it as the
+    # official loop under bf16 autocast is.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     A.prepare("cuda", torch.bfloat16)
-    ours, ref = _gpu_pair(backend)
+    ours, ref = _gpu_pair(backend, drop_path_rate=0.0)
     g, loc = _gpu_crops(4)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = models.multicrop_forward(ours, g, loc)
-    want = official_loop(ref, [g, loc])
-    torch.testing.assert_close(out.float(), want, atol=5e-2, rtol=5e-2)
-    grad = torch.randn_like(want)
-    out.float().backward(grad)
-    want.backward(grad)
-    ref_grads = dict(ref.named_parameters())
-    for name, p in ours.named_parameters():
-        q = ref_grads[name].grad
-        rel = (p.grad.float() - q).norm() / q.norm().clamp_min(1e-12)
-        assert rel < 5e-2, f"{name}: relative gradient error {rel:.3g}"
+    grad = torch.randn(48, 384, device="cuda", generator=torch.Generator(device="cuda").manual_seed(42))
+
+    def run(model, fn, amp):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+            out = fn()
+        out.float().backward(grad)
+        return out.detach().float(), {n: p.grad.float() for n, p in model.named_parameters()}
+
+    truth, truth_grads = run(ref, lambda: official_loop(ref, [g, loc]), amp=False)
+    got, got_grads = run(ours, lambda: models.multicrop_forward(ours, g, loc), amp=True)
+    base, base_grads = run(ref, lambda: official_loop(ref, [g, loc]), amp=True)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    assert rel(got, truth) <= 1.5 * rel(base, truth) + 1e-3, (rel(got, truth), rel(base, truth))
+    for name, want in truth_grads.items():
+        ours_err, official_err = rel(got_grads[name], want), rel(base_grads[name], want)
+        assert ours_err <= 1.5 * official_err + 1e-3, (
+            f"{name}: {ours_err:.3g} vs official bf16 {official_err:.3g}"
+        )
 
 
 @pytest.mark.gpu
