@@ -12,8 +12,11 @@ fp32 scalars, and these have exact fp32 inverses, so fp64 results can be compare
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -111,8 +114,10 @@ SHAPES = [
     (1, 2, 1000, 2),  # smallest batch and crop count; K not a power of two
     (3, 4, 4099, 2),  # odd batch; K prime, just past 4096: a last block with 3 live columns
     (3, 12, 1000, 2),  # the paper's 2 global + 10 local crops
-    (64, 2, 1000, 2),  # many samples: Triton loops several samples per program, ragged last group
-    (2, 4, 65536, 2),  # the default head width: 32 column chunks of 2048 on the GPU config
+    # Many samples: Triton loops several samples per program.
+    pytest.param(64, 2, 1000, 2, marks=pytest.mark.slow),
+    # The default head width: 64 column chunks of the GPU's 1024-column tile, 16 of the interpreter's.
+    pytest.param(2, 4, 65536, 2, marks=pytest.mark.slow),
     (3, 5, 300, 1),  # one global view: student view 0 is never paired, n_v differs per view
     (2, 6, 257, 3),  # three global views: padded teacher rows in the Triton tiles
 ]
@@ -144,7 +149,7 @@ def test_all_crops_at_full_width_fp64(backend):
     ("batch", "ncrops", "dim"),
     [
         (3, 12, 4099),  # all crops, odd batch, K prime
-        (2, 4, 65536),  # head width; half-precision K-sums of 65536 terms
+        pytest.param(2, 4, 65536, marks=pytest.mark.slow),  # head width: K-sums of 65536 half-precision terms
     ],
 )
 def test_low_precision_inputs(backend, dtype, batch, ncrops, dim):
@@ -319,6 +324,98 @@ def test_gradient_reaches_student_only():
     assert student.grad is not None and teacher.grad is None and center.grad is None
 
 
+HOPPER_COMPILE_SCRIPT = r"""
+import json, subprocess, sys, tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dino_fast.kernels import dino_loss as k
+
+PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+TL = {"bf16": tl.bfloat16, "fp16": tl.float16, "fp32": tl.float32, "fp64": tl.float64}
+K = 65536
+block = k._block_k(K, None)
+
+
+def signature(fn, dtype, acc):
+    types = {}
+    for param in fn.params:
+        name = param.name
+        if param.is_constexpr:
+            types[name] = "constexpr"
+        elif name in ("student_ptr", "teacher_ptr", "grad_ptr"):
+            types[name] = "*" + dtype
+        elif name in ("center_ptr", "grad_loss_ptr"):
+            types[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            types[name] = "*" + acc
+        elif name.startswith("inv_"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def compile_one(fn, dtype, constexprs, **options):
+    acc = "fp64" if dtype == "fp64" else "fp32"
+    sig = signature(fn, dtype, acc)
+    # What a launch at K = 65536 specializes: 16-byte aligned pointers, K and strides divisible by 16.
+    divisible = {"K", "stride_s", "stride_t", "stride_g"}
+    aligned = [i for i, n in enumerate(sig) if sig[n].startswith("*") or n in divisible]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in aligned}
+    constexprs = dict(constexprs, ACC=TL[acc])
+    compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp, "k.ptx")
+        ptx.write_text(compiled.asm["ptx"])
+        info = subprocess.run([str(PTXAS), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp, "k.cubin"))],
+                              capture_output=True, text=True, check=True).stderr
+    regs = int(info.split("Used ")[1].split(" registers")[0])
+    spills = int(info.split("bytes spill stores")[0].split(",")[-1].strip())
+    return {"kernel": fn.__name__, "dtype": dtype, "constexprs": {n: str(v) for n, v in constexprs.items()},
+            "registers": regs, "spill_bytes": spills}
+
+
+rows = []
+for dtype, ncrops, n_global in [("bf16", 12, 2), ("fp32", 12, 2), ("fp16", 4, 1), ("fp64", 6, 3)]:
+    g_pad = triton.next_power_of_2(n_global)
+    nstat = 2 * g_pad + 2 * ncrops + g_pad * ncrops
+    common = dict(NCROPS=ncrops, N_GLOBAL=n_global, G_PAD=g_pad)
+    rows.append(compile_one(k._dino_loss_fwd_kernel, dtype, dict(common, NSTAT=nstat, BLOCK_K=block),
+                            num_warps=k._num_warps(block), enable_fp_fusion=False))
+    rows.append(compile_one(k._dino_loss_bwd_kernel, dtype, dict(common, BLOCK_K=block),
+                            num_warps=k._num_warps(block), enable_fp_fusion=False))
+    rows.append(compile_one(k._dino_loss_combine_kernel, dtype,
+                            dict(common, V_PAD=triton.next_power_of_2(ncrops), NSTAT=nstat, CHUNK_BLOCK=64,
+                                 COL_BLOCK=256), num_warps=4))
+print(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernels_compile_for_hopper():
+    """The interpreter accepts code the compiler rejects, so the kernels are also compiled for sm_90
+    (no GPU needed: triton ships ptxas) with the launch configuration a K=65536 call uses, and the
+    register budget the launch configuration was chosen for is held: no spills, and at most 128
+    registers for the bf16/fp32 anchors (>= 4 resident programs of 4 warps per SM)."""
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, "-c", HOPPER_COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(rows) == 12
+    for row in rows:
+        assert row["spill_bytes"] == 0, row
+        if row["dtype"] in ("bf16", "fp32") and row["kernel"] != "_dino_loss_combine_kernel":
+            assert row["registers"] <= 128, row
+
+
 def _bad_inputs():
     s, t, c = make_inputs(2, 4, 10)
     meta_teacher = torch.empty(t.shape, dtype=t.dtype, device="meta")
@@ -449,6 +546,7 @@ def test_torch_compile_fullgraph(monkeypatch):
         torch.testing.assert_close(grad, eager_grad, rtol=1e-4, atol=1e-6, msg=backend)
 
 
+@pytest.mark.slow
 def test_torch_compile_with_inductor():
     """The default compiler, once: inductor lowers everything around the op (fake tensors and the
     autograd formula are exercised), the op itself stays a call."""
@@ -608,6 +706,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_dino_loss_module_all_reduces_the_center_across_ranks(tmp_path):
     world_size = 2
     mp.spawn(_distributed_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size)
