@@ -10,14 +10,18 @@ peak_extra_mib (CUDA), gbps (bytes that must move: read teacher + student, write
 vs_foreach, the speed ratio to torch._foreach_lerp_ measured in the same run.
 
 dino_fast rows: "list" calls ``ema_update_`` on the parameter lists every step (what a codebase
-that keeps its own lists gets); "TeacherEMA flat" packs teacher and student (flat=True,
-pack_student=True: one streaming kernel); "TeacherEMA flat teacher" packs only the teacher. Triton
-is timed on CUDA only: on a CPU it would run under its interpreter.
+that keeps its own lists gets, Python checks of every pair included); "flat kernel" runs the op on
+the two flat tensors of the "flat lerp_" row; "TeacherEMA flat" packs teacher and student
+(flat=True, pack_student=True: one streaming kernel, plus update()'s own checks); "TeacherEMA flat
+teacher" packs only the teacher (multi-tensor kernel over the student's own tensors). Triton is
+timed on CUDA only: on a CPU it would run under its interpreter. Every timed call is synchronized,
+so host-side overhead counts in these numbers (a training step that does not sync hides it).
 """
 
 from __future__ import annotations
 
 import gc
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -129,9 +133,15 @@ def run(
     full: bool,
     warmup: int = 5,
     iters: int = 30,
+    rounds: int | None = None,
     config: dict[str, int] | None = None,
 ) -> list[dict]:
+    """Rows for every implementation. ``rounds`` (default: 1 on CUDA, 3 on CPU) splits the timed
+    iterations into round-robin passes over all implementations and reports the median of the
+    per-pass medians: on a shared CPU the load drifts, and ratios only mean something when the
+    implementations compared were timed in the same stretch of time."""
     config = dict(FULL_CONFIG if full else SMALL_CONFIG) if config is None else config
+    rounds = (1 if device.type == "cuda" else 3) if rounds is None else rounds
     shapes = vit_dino_shapes(**config)
     dtype = torch.float32
     teacher_module = ParameterSet(shapes, dtype, device, seed=0)
@@ -141,65 +151,59 @@ def run(
     shape = f"{len(shapes)} tensors, {n_params / 1e6:.1f}M fp32"
     moved = _bytes_moved(teachers, students)
     m = MOMENTUM
+    flat_t = torch.cat([t.detach().reshape(-1) for t in teachers])
+    flat_s = torch.cat([s.detach().reshape(-1) for s in students])
 
-    cases: list[tuple[str, Callable[[], object], Callable[[], None] | None]] = [
-        ("official per-parameter loop", lambda: _official_loop(teachers, students, m), None),
-        ("torch._foreach_lerp_", lambda: torch._foreach_lerp_(teachers, students, 1 - m), None),
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("official per-parameter loop", lambda: _official_loop(teachers, students, m)),
+        ("torch._foreach_lerp_", lambda: torch._foreach_lerp_(teachers, students, 1 - m)),
+        ("flat lerp_ (one tensor)", lambda: flat_t.lerp_(flat_s, 1 - m)),
     ]
-    flat = {}
-
-    def make_flat() -> None:
-        flat["t"] = torch.cat([t.detach().reshape(-1) for t in teachers])
-        flat["s"] = torch.cat([s.detach().reshape(-1) for s in students])
-
-    cases.append(("flat lerp_ (one tensor)", lambda: flat["t"].lerp_(flat["s"], 1 - m), make_flat))
-
     usable = [name for name, reason in available_backends(device).items() if reason is None]
     if device.type != "cuda":
         usable = [name for name in usable if name != "triton"]  # interpreter timings mean nothing
     for backend in usable:
         cases.append(
+            (f"dino_fast {backend} list", lambda b=backend: ema_update_(teachers, students, m, backend=b))
+        )
+        cases.append(
             (
-                f"dino_fast {backend} list",
-                lambda b=backend: ema_update_(teachers, students, m, backend=b),
-                None,
+                f"dino_fast {backend} flat kernel",
+                lambda b=backend: ema_update_([flat_t], [flat_s], m, backend=b),
             )
         )
-    packed = {}
-    for backend in usable:
-        for pack_student in (True, False):
+        for pack_student, label in ((True, "flat"), (False, "flat teacher")):
+            t_mod = ParameterSet(shapes, dtype, device, seed=0)
+            s_mod = ParameterSet(shapes, dtype, device, seed=1)
+            ema = TeacherEMA(t_mod, s_mod, flat=True, pack_student=pack_student, backend=backend)
+            cases.append((f"TeacherEMA {backend} {label}", lambda e=ema: e.update(m)))
 
-            def make_packed(b: str = backend, p: bool = pack_student) -> None:
-                packed.clear()
-                t_mod = ParameterSet(shapes, dtype, device, seed=0)
-                s_mod = ParameterSet(shapes, dtype, device, seed=1)
-                packed["ema"] = TeacherEMA(t_mod, s_mod, flat=True, pack_student=p, backend=b)
-                packed["modules"] = (t_mod, s_mod)
-
-            label = "flat" if pack_student else "flat teacher"
-            cases.append((f"TeacherEMA {backend} {label}", lambda: packed["ema"].update(m), make_packed))
-
+    per_round = max(1, iters // rounds)
+    stats_by_impl: dict[str, list[dict]] = {impl: [] for impl, _ in cases}
+    for _ in range(rounds):
+        for impl, fn in cases:
+            stats_by_impl[impl].append(measure(fn, device=device, warmup=warmup, iters=per_round))
     rows = []
-    foreach_ms = None
-    for impl, fn, setup in cases:
-        if setup is not None:
-            setup()
-        stats = measure(fn, device=device, warmup=warmup, iters=iters)
-        if impl == "torch._foreach_lerp_":
-            foreach_ms = stats["median_ms"]
+    for impl, runs in stats_by_impl.items():
+        median_ms = statistics.median(run["median_ms"] for run in runs)
+        peaks = [run["peak_extra_mib"] for run in runs if run["peak_extra_mib"] is not None]
         rows.append(
             {
                 "impl": impl,
                 "shape": shape,
                 "n_tensors": len(shapes),
                 "n_params": n_params,
-                **stats,
-                "gbps": moved / (stats["median_ms"] * 1e6),
+                "median_ms": median_ms,
+                "p10_ms": min(run["p10_ms"] for run in runs),
+                "p90_ms": max(run["p90_ms"] for run in runs),
+                "peak_extra_mib": max(peaks) if peaks else None,
+                "iters": per_round * rounds,
+                "rounds": rounds,
+                "gbps": moved / (median_ms * 1e6),
             }
         )
-        flat.clear()
-        packed.clear()
-        gc.collect()
+    foreach_ms = next(row["median_ms"] for row in rows if row["impl"] == "torch._foreach_lerp_")
     for row in rows:
-        row["vs_foreach"] = foreach_ms / row["median_ms"] if foreach_ms else None
+        row["vs_foreach"] = foreach_ms / row["median_ms"]
+    gc.collect()
     return rows

@@ -37,6 +37,7 @@ __all__ = ["NATIVE_OP", "TeacherEMA", "ema_update_"]
 
 NATIVE_OP = "ema_update_"  # torch.ops.dino_fast_native.ema_update_ (csrc/ema.cpp, csrc/ema_cuda.cu)
 PACK_ALIGN_BYTES = 64  # every packed parameter starts on a cache line, in both buffers
+STORAGE_CHECK_WINDOW = 32  # parameters whose storage TeacherEMA.update re-checks per call, besides first/last
 
 logger = logging.getLogger(__name__)
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -296,9 +297,10 @@ class TeacherEMA:
     Packing rules: parameters keep their shapes and values but become contiguous views; the
     checkpoint format (``state_dict``) is unchanged. Build the TeacherEMA after moving and casting
     both models: ``.to()``, ``.half()`` or ``load_state_dict(assign=True)`` on a packed model
-    replaces the storage of its parameters, which ``update`` detects and refuses. Replacing a
-    Parameter object itself (``module.weight = nn.Parameter(...)``) after construction is not
-    detected; build a new TeacherEMA then.
+    replaces the storage of its parameters, which ``update`` detects and refuses (at once for
+    whole-model moves; a single parameter's ``.data`` swapped by hand is found within a few calls,
+    see ``_check_storage``). Replacing a Parameter object itself (``module.weight =
+    nn.Parameter(...)``) after construction is not detected; build a new TeacherEMA then.
 
     With a momentum tensor on the device, ``update`` performs no host sync and can be captured in a
     CUDA graph (after one eager call, as for any capture).
@@ -383,12 +385,36 @@ class TeacherEMA:
             self._triton_plan = _triton_kernels().MultiTensorEMA(self._fused_t, self._fused_s)
         self._teacher_addresses = _addresses(self.teacher_params)
         self._student_addresses = _addresses(self.student_params)
+        self._check_cursor = 0
 
     def _check_storage(self) -> None:
+        """Detect parameters whose storage was replaced since _prepare().
+
+        Reading every address costs O(parameters) Python per step (tens of microseconds for a ViT,
+        as much as the GPU needs for the update itself), so each call reads the first and last
+        parameter (a .to(), .half() or load_state_dict(assign=True) replaces all of them: caught at
+        once) and a rotating window of STORAGE_CHECK_WINDOW others (a single replaced parameter:
+        caught within len(parameters) / STORAGE_CHECK_WINDOW calls).
+        """
+        count = len(self.teacher_params)
+        start = self._check_cursor
+        stop = min(start + STORAGE_CHECK_WINDOW, count)
+        self._check_cursor = 0 if stop >= count else stop
+        moved = False
+        for params, addresses in (
+            (self.teacher_params, self._teacher_addresses),
+            (self.student_params, self._student_addresses),
+        ):
+            if (
+                params[0].data_ptr() != addresses[0]
+                or params[-1].data_ptr() != addresses[-1]
+                or _addresses(params[start:stop]) != addresses[start:stop]
+            ):
+                moved = True
+        if not moved:
+            return
         teacher_moved = _addresses(self.teacher_params) != self._teacher_addresses
         student_moved = _addresses(self.student_params) != self._student_addresses
-        if not (teacher_moved or student_moved):
-            return
         packed = [
             role
             for role, moved, is_packed in (

@@ -597,6 +597,19 @@ def test_moving_a_packed_teacher_is_detected() -> None:
         ema.update(0.9)
 
 
+def test_single_swapped_parameter_is_found_within_a_few_updates() -> None:
+    # 40 parameters: more than one check window, so the swapped one is found by the rotation.
+    teacher = nn.Sequential(*(nn.Linear(3, 3) for _ in range(20)))
+    student = nn.Sequential(*(nn.Linear(3, 3) for _ in range(20)))
+    ema = TeacherEMA(teacher, student, flat=True, backend="native")
+    ema.update(0.9)
+    teacher[10].bias.data = torch.zeros(3)
+    calls = -(-len(ema.names) // ema_module.STORAGE_CHECK_WINDOW) + 1
+    with pytest.raises(RuntimeError, match="no longer live in the flat buffers"):
+        for _ in range(calls):
+            ema.update(0.9)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unpacked_parameters_may_move(backend) -> None:
     # Without packing, a student cast after construction is picked up (the triton plan is rebuilt).
