@@ -225,7 +225,8 @@ def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype) -
         reason = xformers_unavailable_reason(device, dtype)
         if reason is not None:
             key = ("xformers", _device_key(device), dtype)
-            if key not in _WARNED:
+            # Not from inside a torch.compile trace (a graph break); the first eager call warns.
+            if key not in _WARNED and not torch.compiler.is_compiling():
                 _WARNED.add(key)
                 warnings.warn(
                     f"attention backend 'xformers' unavailable, using 'sdpa': {reason}",

@@ -175,6 +175,23 @@ def test_cumulative_lengths():
     assert A.cumulative_lengths(((1, 7),), "cpu").tolist() == [0, 7]
 
 
+def test_resolution_traces_without_graph_breaks():
+    # Under torch.compile(fullgraph=True): cached verdicts are read, an unprobed one means "not
+    # available" without probing, and the xformers fallback does not warn from inside the trace.
+    A.prepare("cpu", torch.bfloat16)
+
+    def f(q):
+        ok = A.varlen_unavailable_reason(q.device, q.dtype) is None
+        backend = A.resolve_backend("xformers", q.device, q.dtype)
+        unprobed = A.varlen_unavailable_reason(q.device, torch.float16)
+        return q * 2 if ok or backend != "sdpa" or unprobed is None else q + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = torch.compile(f, fullgraph=True, backend="eager")(torch.full((2,), 3.0, dtype=torch.bfloat16))
+    torch.testing.assert_close(out, torch.full((2,), 4.0, dtype=torch.bfloat16))  # every verdict "no"
+
+
 def test_probes_do_not_touch_the_global_rng(monkeypatch):
     # Drop path reproduces the official RNG stream; a probe that drew random numbers would shift it.
     torch.manual_seed(0)

@@ -44,7 +44,7 @@ from dino_fast.models.multicrop import (
     Groups,
     add_norm,
     cls_rows,
-    packed_cls_features,
+    multicrop_forward,
     residual_add,
     split_groups,
 )
@@ -421,7 +421,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """CLS features ``(B, D)`` of images ``x`` ``(B, C, H, W)`` (packed path, see module doc)."""
-        return self.head(packed_cls_features(self, [x]))
+        return self.head(multicrop_forward(self, x))
 
     def forward_unpacked(self, x: Tensor) -> Tensor:
         """The official forward, block by block on ``(B, N, D)``; the same result as ``forward``."""
