@@ -396,6 +396,11 @@ class DINOLoss(nn.Module):
         batch_center = column_sum / total_rows
         self._buffers["center"] = reference.center_update(center, batch_center, self.center_momentum)
 
+    def __getstate__(self):
+        # A pending all-reduce handle cannot be pickled (torch.save(module), copy.deepcopy).
+        self.wait_center_update()
+        return super().__getstate__()
+
     def named_buffers(self, *args, **kwargs):
         self.wait_center_update()
         return super().named_buffers(*args, **kwargs)

@@ -12,6 +12,7 @@ fp32 scalars, and these have exact fp32 inverses, so fp64 results can be compare
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -731,6 +732,15 @@ def test_dino_loss_module_all_reduces_the_center_across_ranks(tmp_path):
         torch.testing.assert_close(result["center"], official.center, rtol=1e-6, atol=1e-6)
 
 
+def test_public_names():
+    import dino_fast
+    import dino_fast.ops
+
+    assert dino_fast.ops.dino_loss is dino_loss
+    assert dino_fast.DINOLoss is DINOLoss
+    assert torch.ops.dino_fast.dino_loss.default is not None  # registered under the dino_fast namespace
+
+
 def test_center_update_is_deferred_until_the_center_is_used():
     """Single process, with the pending-update machinery driven by hand: nothing touches the
     center until it is read, and every way of reading it first applies the update."""
@@ -741,6 +751,7 @@ def test_center_update_is_deferred_until_the_center_is_used():
         lambda m: m.state_dict()["center"],
         lambda m: dict(m.named_buffers())["center"],
         lambda m: m.to(torch.float64).center,
+        lambda m: copy.deepcopy(m)._buffers["center"],
     ):
         module = DINOLoss(dim, 2, 0.04, 0.04, 0, 1)
         module.__dict__["_pending_center"] = (None, teacher.sum(0, keepdim=True), 4)
