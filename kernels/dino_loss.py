@@ -14,6 +14,7 @@ inverse is an fp32 number (0.1, 0.04, 0.05, 0.0625, ...).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -27,7 +28,8 @@ import triton.language as tl
 # Pair term: h_tv = -sum_k q_tk log p_vk = sum_k q_tk (L_v - x_vk), every summand >= 0.
 # loss = sum_b sum_{(t, v), v != t} h_tv / (n_pairs * B), with n_pairs = G * (V - 1).
 #
-# Forward, split over K so that B * (K / BLOCK_K) programs fill the GPU. Chunk c of a sample gives
+# Forward, one program per (column chunk, group of samples), so that B * K / BLOCK_K row pieces
+# spread over every SM however small B is; the program loops over its samples. Chunk c of a sample gives
 #   m_tc = max_{k in c} a_tk, z_tc = sum_{k in c} e^(a_tk - m_tc)          (same m_vc, z_vc for x_v)
 #   d_tvc = sum_{k in c} e^(a_tk - m_tc) * (m_vc - x_vk)                    (>= 0)
 # and a second, tiny kernel combines chunks with the usual rescaling: M_t = max_c m_tc,
@@ -125,6 +127,19 @@ def _check(student: torch.Tensor, teacher: torch.Tensor, center: torch.Tensor, n
     if student.dtype != teacher.dtype:
         raise TypeError(f"student ({student.dtype}) and teacher ({teacher.dtype}) outputs must share a dtype")
     return batch, K
+
+
+def _on_input_device(launcher):
+    """Run ``launcher`` with its tensors' GPU as the current device: Triton launches on the current
+    device and torch.empty allocates there, which need not be where the inputs live."""
+
+    @functools.wraps(launcher)
+    def wrapper(*args, **kwargs):
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            return launcher(*args, **kwargs)
+
+    return wrapper
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -335,6 +350,7 @@ def _dino_loss_bwd_kernel(
         tl.store(grad_ptr + s_row * stride_g + cols, grad.to(grad_ptr.dtype.element_ty), mask=col_ok)
 
 
+@_on_input_device
 def dino_loss_forward(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -421,6 +437,7 @@ def dino_loss_forward(
     return loss, student_stats, teacher_stats, colsum
 
 
+@_on_input_device
 def dino_loss_backward(
     grad_loss: torch.Tensor,
     student: torch.Tensor,

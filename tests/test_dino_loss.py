@@ -197,6 +197,18 @@ def test_triton_launch_configs(batch, dim, block_k, samples_per_program):
     assert_matches(got, expected(student, teacher, center, **kwargs), torch.float64)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_inputs(backend):
+    """Rows with padding (a column slice of a wider buffer) and a column-major teacher."""
+    student, teacher, center = make_inputs(3, 4, 300, seed=7)
+    padded_student = torch.zeros(12, 307, dtype=torch.float64)
+    padded_student[:, :300] = student
+    column_major_teacher = teacher.t().contiguous().t()
+    kwargs = dict(ncrops=4, n_global=2, teacher_temp=0.04, student_temp=0.1)
+    actual = run_backend(backend, padded_student[:, :300], column_major_teacher, center, **kwargs)
+    assert_matches(actual, expected(student, teacher, center, **kwargs), torch.float64)
+
+
 def test_triton_autograd_function_standalone():
     """kernels/dino_loss.py on its own: the autograd Function returns the loss and the column sum."""
     from dino_fast.kernels import dino_loss as triton_dino_loss
