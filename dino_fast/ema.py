@@ -381,7 +381,10 @@ class TeacherEMA:
         _check_pairs(teachers, students, self.names)
         self._fused_t, self._fused_s, self._slow_t, self._slow_s = _split_contiguous(teachers, students)
         self._triton_plan = None
-        if self.backend == "triton" and self._fused_t and not self.pack_student:
+        self._triton_flat = []
+        if self.backend == "triton" and self.pack_student:
+            self._triton_flat = [_triton_kernels().FlatEMA(t, s) for t, s in self.buffers]
+        elif self.backend == "triton" and self._fused_t:
             self._triton_plan = _triton_kernels().MultiTensorEMA(self._fused_t, self._fused_s)
         self._teacher_addresses = _addresses(self.teacher_params)
         self._student_addresses = _addresses(self.student_params)
@@ -436,6 +439,10 @@ class TeacherEMA:
         """teacher <- m * teacher + (1 - m) * student for every parameter, in place."""
         momentum = _check_momentum(momentum, self.device)
         self._check_storage()
+        if self._triton_flat:
+            for flat in self._triton_flat:
+                flat(momentum)
+            return
         if self.pack_student:
             for t_buf, s_buf in self.buffers:
                 _run(self.backend, [t_buf], [s_buf], momentum)
