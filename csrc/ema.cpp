@@ -266,6 +266,13 @@ void ema_update_cpu(at::TensorList teacher, at::TensorList student,
   }
 }
 
+// Checks only: lets FakeTensor tracing (torch.compile, torch.export) run through the op, which
+// mutates its teacher list in place and returns nothing.
+void ema_update_meta(at::TensorList teacher, at::TensorList student,
+                     const std::optional<at::Tensor>& momentum_tensor, double /*momentum*/) {
+  ema_check_inputs(teacher, student, momentum_tensor);
+}
+
 }  // namespace
 }  // namespace dino_fast
 
@@ -276,4 +283,8 @@ TORCH_LIBRARY_FRAGMENT(dino_fast_native, m) {
 
 TORCH_LIBRARY_IMPL(dino_fast_native, CPU, m) {
   m.impl("ema_update_", &dino_fast::ema_update_cpu);
+}
+
+TORCH_LIBRARY_IMPL(dino_fast_native, Meta, m) {
+  m.impl("ema_update_", &dino_fast::ema_update_meta);
 }

@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import dino_fast
+from dino_fast import _native, reference
 from dino_fast import ema as ema_module
-from dino_fast import reference
 from dino_fast.ema import TeacherEMA, ema_update_
 from dino_fast.kernels import ema as triton_ema
 
@@ -302,9 +302,17 @@ def test_backend_forced_by_argument_and_environment(monkeypatch, backend) -> Non
     assert seen == [backend, backend]
 
 
-def test_native_op_checks_its_inputs() -> None:
+@pytest.fixture
+def native_op():
+    """torch.ops.dino_fast_native.ema_update_, registered once dino_fast._C is loaded."""
+    module, reason = _native.load()
+    assert module is not None, reason
+    return torch.ops.dino_fast_native.ema_update_
+
+
+def test_native_op_checks_its_inputs(native_op) -> None:
     # The op is public (torch.ops.dino_fast_native.ema_update_): it must not trust its caller.
-    op = torch.ops.dino_fast_native.ema_update_
+    op = native_op
     teachers, students = make_pairs((4, 6), torch.float32, torch.float32)
     with pytest.raises(RuntimeError, match="is not contiguous"):
         op([teachers[1].view(2, 3).t()], [students[1].view(3, 2)], None, 0.9)
@@ -314,6 +322,16 @@ def test_native_op_checks_its_inputs() -> None:
         op(teachers, students[::-1], None, 0.9)
     with pytest.raises(RuntimeError, match="one element"):
         op(teachers, students, torch.ones(2), 0.9)
+
+
+def test_native_op_traces_on_meta_tensors(native_op) -> None:
+    # The Meta kernel lets fake-tensor tracing through, with the same checks.
+    op = native_op
+    teachers = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta", dtype=torch.bfloat16)]
+    students = [torch.empty(3, 4, device="meta"), torch.empty(5, device="meta")]
+    op(teachers, students, None, 0.9)
+    with pytest.raises(RuntimeError, match="differs from student shape"):
+        op(teachers, students[::-1], None, 0.9)
 
 
 def test_triton_kernels_refuse_non_contiguous_tensors() -> None:
