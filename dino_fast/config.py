@@ -106,6 +106,9 @@ class TrainConfig:
     synthetic_size: int = 1281167
     # Fashion-MNIST images per class the demo uses in each split (0: all, 6,000 train / 1,000 test).
     demo_max_per_class: int = 0
+    # After training, k-NN top-1 of the teacher vs its random initialization on the split beside
+    # the training folder (test/ or val/); the demo turns it on.
+    eval_knn: bool = False
     preset: str | None = None
 
     # ------------------------------------------------------------------
@@ -284,7 +287,8 @@ def _preset_values(name: str) -> dict[str, Any]:
             "teacher_temp": 0.04,
             "drop_path_rate": 0.0,
             "freeze_last_layer": 1,
-            "demo_max_per_class": 0 if on_gpu else 400,
+            "demo_max_per_class": 0 if on_gpu else 200,
+            "eval_knn": True,
             "data": "torchvision",
             "data_path": "",
             "output_dir": "runs/demo",
@@ -598,6 +602,13 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
         type=int,
         default=d.demo_max_per_class,
         help="Fashion-MNIST images per class (of 10) the demo trains and evaluates on (0: all)",
+    )
+    g.add_argument(
+        "--eval_knn",
+        action=argparse.BooleanOptionalAction,
+        default=d.eval_knn,
+        help="after training, report the teacher's weighted 20-NN top-1 against its random init, on the "
+        "test/ or val/ folder beside the training folder (on by default in the demo)",
     )
     return p
 

@@ -757,7 +757,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0") or 0)
     _setup_logging(rank)
     try:
-        result = train(config)
+        result = train(config, on_finish=knn_evaluation if config.eval_knn else None)
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         return 1
@@ -767,6 +767,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     if rank == 0:
         _print_final_summary(result)
     return 0
+
+
+def knn_evaluation(result: TrainResult, *, k: int = 20) -> None:
+    """k-NN top-1 of the trained teacher's backbone vs the same network at its random init.
+
+    Runs when the training folder's parent also holds a ``test/`` or ``val/`` split (the demo's
+    Fashion-MNIST, or an ImageNet-style ``.../train`` + ``.../val``); the accuracies go into
+    ``result.extra``. Every rank takes part (feature extraction is sharded under torchrun).
+    """
+    from dino_fast.eval.knn import knn_accuracy
+
+    if result.data_root is None:
+        logger.warning("k-NN evaluation skipped: synthetic data has no labels")
+        return
+    root = result.data_root.parent
+    test = next((root / name for name in ("test", "val") if (root / name).is_dir()), None)
+    if test is None:
+        logger.warning("k-NN evaluation skipped: %s has no test/ or val/ split beside train/", root)
+        return
+    trainer = result.trainer
+    config = trainer.config
+    torch.manual_seed(config.seed)  # the initialization the run started from
+    random_init = build_dino_model(config, drop_path_rate=0.0).backbone.to(trainer.device)
+    kwargs: dict[str, Any] = {
+        "device": trainer.device,
+        "nb_knn": (k,),
+        "image_size": config.global_crops_size,
+        "resize_size": config.global_crops_size,
+        "batch_size": 256,
+        "num_workers": min(config.num_workers, 4),
+    }
+    started = time.perf_counter()
+    trained = knn_accuracy(trainer.teacher.backbone, result.data_root, test, **kwargs)[k]
+    baseline = knn_accuracy(random_init, result.data_root, test, **kwargs)[k]
+    result.extra[f"k-NN top-1 (k={k}) on {test}"] = (
+        f"teacher {trained:.2f}% vs random init {baseline:.2f}% ({time.perf_counter() - started:.0f}s)"
+    )
 
 
 def _print_final_summary(result: TrainResult) -> None:
