@@ -32,6 +32,7 @@ interpreter (``TRITON_INTERPRET=1`` before this module is imported).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 from collections.abc import Sequence
@@ -232,6 +233,11 @@ def _momentum_args(momentum: float | Tensor, compute: torch.dtype, device: torch
     if isinstance(momentum, Tensor) and momentum.device == device:
         return momentum.detach(), 0.0, 0.0, True  # the kernel loads it: no host sync, graph-capturable
     if isinstance(momentum, Tensor):
+        if momentum.device.type != "cpu":
+            raise ValueError(
+                f"ema_update_: the momentum tensor is on {momentum.device} but the tensors are on {device}; "
+                "keep it on their device (or on the CPU)"
+            )
         # A CPU tensor beside CUDA parameters: reading it never waits for the GPU.
         m_c = momentum.detach().to(compute)
         m, w = float(m_c), float(1 - m_c)
@@ -243,24 +249,33 @@ def _momentum_args(momentum: float | Tensor, compute: torch.dtype, device: torch
     return None, m, w, False
 
 
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one (cuda:1 params from a
+    process whose current device is cuda:0 would otherwise get a launch on the wrong GPU)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _launch_flat(teacher: Tensor, student: Tensor, momentum: float | Tensor, block: int) -> None:
     n = teacher.numel()
     if n == 0:
         return
     compute = _compute_dtype(teacher.dtype)
     m_ptr, m, w, from_ptr = _momentum_args(momentum, compute, teacher.device)
-    _ema_flat_kernel[(triton.cdiv(n, block),)](
-        teacher,
-        student,
-        n,
-        teacher if m_ptr is None else m_ptr,  # unread when the momentum comes as scalars
-        m,
-        w,
-        COMPUTE=_TL_DTYPES[compute],
-        M_FROM_PTR=from_ptr,
-        BLOCK=block,
-        num_warps=NUM_WARPS,
-    )
+    with _on_device(teacher.device):
+        _ema_flat_kernel[(triton.cdiv(n, block),)](
+            teacher,
+            student,
+            n,
+            teacher if m_ptr is None else m_ptr,  # unread when the momentum comes as scalars
+            m,
+            w,
+            COMPUTE=_TL_DTYPES[compute],
+            M_FROM_PTR=from_ptr,
+            BLOCK=block,
+            num_warps=NUM_WARPS,
+        )
 
 
 def ema_update_flat_(
@@ -332,22 +347,25 @@ class _Plan:
             first += len(table)
 
     def __call__(self, momentum: float | Tensor) -> None:
-        for group in self.groups:
-            compute = _compute_dtype(group.teacher_dtype)
-            m_ptr, m, w, from_ptr = _momentum_args(momentum, compute, self.device)
-            _ema_multi_tensor_kernel[(group.table.shape[0],)](
-                group.table,
-                group.table if m_ptr is None else m_ptr,  # unread when the momentum comes as scalars
-                m,
-                w,
-                T_DTYPE=_TL_DTYPES[group.teacher_dtype],
-                S_DTYPE=_TL_DTYPES[group.student_dtype],
-                COMPUTE=_TL_DTYPES[compute],
-                M_FROM_PTR=from_ptr,
-                ALIGNED=group.aligned,
-                BLOCK=self.block,
-                num_warps=NUM_WARPS,
-            )
+        if not self.groups:
+            return
+        with _on_device(self.device):
+            for group in self.groups:
+                compute = _compute_dtype(group.teacher_dtype)
+                m_ptr, m, w, from_ptr = _momentum_args(momentum, compute, self.device)
+                _ema_multi_tensor_kernel[(group.table.shape[0],)](
+                    group.table,
+                    group.table if m_ptr is None else m_ptr,  # unread when the momentum comes as scalars
+                    m,
+                    w,
+                    T_DTYPE=_TL_DTYPES[group.teacher_dtype],
+                    S_DTYPE=_TL_DTYPES[group.student_dtype],
+                    COMPUTE=_TL_DTYPES[compute],
+                    M_FROM_PTR=from_ptr,
+                    ALIGNED=group.aligned,
+                    BLOCK=self.block,
+                    num_warps=NUM_WARPS,
+                )
 
 
 def _validated_lists(teachers: Sequence[Tensor], students: Sequence[Tensor]) -> tuple[list, list]:

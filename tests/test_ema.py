@@ -342,6 +342,13 @@ def test_triton_kernels_refuse_non_contiguous_tensors() -> None:
         triton_ema.ema_update_flat_(teacher, torch.randn(4, 6), 0.9)
 
 
+def test_triton_kernels_refuse_a_momentum_on_another_device() -> None:
+    # Reading it would need a copy (and, from another GPU, a sync): refused, not done silently.
+    teacher, student = torch.randn(8), torch.randn(8)
+    with pytest.raises(ValueError, match="momentum tensor is on meta"):
+        triton_ema.ema_update_flat_(teacher, student, torch.tensor(0.9, device="meta"))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Triton specifics: tiny blocks, plan cache, the flat kernel
 # ---------------------------------------------------------------------------------------------------
