@@ -505,10 +505,25 @@ def _train(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
     distributed.barrier()
     ckpt_path = out_dir / CHECKPOINT_NAME
 
+    if info.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the official code (the patch-embedding conv)
     _seed_everything(config.seed)
-    data_root = resolve_data_path(config) if info.is_main else None
-    data_root = distributed.broadcast_object(data_root)
-    loader = build_loader(config, info, data_root)
+    # Rank 0 prepares the data (the demo builds its folder once); every rank learns the outcome,
+    # so a failure stops all of them instead of leaving the others waiting in a collective.
+    data_root, error = None, None
+    if info.is_main:
+        try:
+            data_root = resolve_data_path(config)
+        except (OSError, ValueError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+    data_root, error = distributed.broadcast_object((data_root, error))
+    if error is not None:
+        raise ConfigError(f"cannot prepare the training data: {error}")
+    try:
+        loader = build_loader(config, info, data_root)
+    except (OSError, ValueError) as exc:
+        where = "synthetic data" if data_root is None else str(data_root)
+        raise ConfigError(f"--data {config.data} cannot read {where}: {exc}") from exc
     steps_per_epoch = len(loader)
     if steps_per_epoch < 1:
         raise ConfigError(
@@ -606,6 +621,7 @@ class _RunState:
         self.epoch_steps = 0
         self._measured_images = 0
         self._measured_seconds = 0.0
+        self._intervals = 0
 
     def images_per_s(self) -> float | None:
         if self._measured_seconds <= 0:
@@ -630,9 +646,13 @@ class _RunState:
             )
             raise NonFiniteLossError(msg)
         self.last_loss = stats.loss
-        if stats.steps > 1 or stats.first_iteration > 0:
-            self._measured_images += stats.images
-            self._measured_seconds += stats.seconds
+        # The run's images/s leaves out the first interval (lazy initialization, autotuning,
+        # compilation) unless it is the only one.
+        self._intervals += 1
+        if self._intervals == 2:
+            self._measured_images, self._measured_seconds = 0, 0.0
+        self._measured_images += stats.images
+        self._measured_seconds += stats.seconds
         self.epoch_loss_sum += stats.loss * stats.steps
         self.epoch_steps += stats.steps
         self.reporter.report(
