@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from dino_fast import reference
 from dino_fast.backends import select_backend
 
-__all__ = ["DINOLoss", "dino_loss"]
+__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_stats", "validate_inputs"]
 
 NATIVE_FORWARD_OP = "dino_loss_fwd"
 NATIVE_BACKWARD_OP = "dino_loss_bwd"
@@ -287,8 +287,8 @@ def dino_loss(
     ``student_output`` is crop-major ``(ncrops * B, K)``, ``teacher_output`` ``(n_global * B, K)``
     (teacher view t is student view t and the two are not paired), ``center`` ``(1, K)``. Returns a
     0-dim fp32 loss (fp64 for fp64 inputs), differentiable in ``student_output`` only; the gradient has
-    the student's dtype. ``backend``: "triton", "native", "torch" or None (fastest available,
-    ``DINO_FAST_BACKEND`` overrides).
+    the student's dtype. ``backend``: "triton", "native" or "torch"; None takes ``DINO_FAST_BACKEND``
+    when set, else the fastest backend available for the tensors' device.
     """
     return dino_loss_with_stats(
         student_output,
