@@ -27,12 +27,15 @@ import torch.multiprocessing as mp
 from official_formulas import official_center_update, official_dino_loss
 from torch import nn
 
-from dino_fast import backends, reference
+from dino_fast import _native, backends, reference
 from dino_fast import loss as dino_loss_module
 from dino_fast.backends import BackendUnavailableError
 from dino_fast.loss import DINOLoss, dino_loss, dino_loss_with_stats
 
 BACKENDS = ["torch", "native", "triton"]
+# Loading dino_fast._C registers torch.ops.dino_fast_native.*, which some tests call directly. A
+# missing or broken extension fails those tests (and the native backend's) with this reason.
+NATIVE_MODULE, NATIVE_REASON = _native.load()
 # Triton runs compiled on a GPU; under the interpreter (no GPU, or TRITON_INTERPRET=1 on a GPU
 # machine, as benchmarks/gpu_check.sh runs the CPU suite) its tensors stay on the CPU.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -273,6 +276,7 @@ def test_poisoned_gradient_buffer_is_fully_overwritten(backend, dtype):
     grad_out = base[:, :dim]
     one = torch.ones((), device=device)
     if backend == "native":
+        assert NATIVE_MODULE is not None, NATIVE_REASON
         _, student_stats, teacher_stats, _ = torch.ops.dino_fast_native.dino_loss_fwd(
             s, t, c, ncrops, 2, 0.04, 0.1
         )
@@ -478,6 +482,7 @@ def test_clear_errors_for_bad_inputs(case):
 def test_kernel_entry_points_check_their_inputs():
     from dino_fast.kernels import dino_loss as triton_dino_loss
 
+    assert NATIVE_MODULE is not None, NATIVE_REASON
     student, teacher, center = make_inputs(2, 4, 10)
     with pytest.raises(RuntimeError, match="not a positive multiple of ncrops=3"):
         torch.ops.dino_fast_native.dino_loss_fwd(student, teacher, center, 3, 2, 0.04, 0.1)
