@@ -41,7 +41,7 @@ void ema_check_inputs(at::TensorList teacher, at::TensorList student,
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kUnroll = 4;         // independent 16-byte loads in flight per thread and stream
+constexpr int kMinBlocksPerSm = 2;  // caps registers at 64 per thread: 2048 resident threads per SM
 constexpr int64_t kChunk = 65536;  // elements per block in a multi-tensor launch
 constexpr int kMaxTensors = 96;
 constexpr int kMaxBlocks = 320;
@@ -93,6 +93,14 @@ constexpr int vec_width() {
   return static_cast<int>(16 / std::min(sizeof(T), sizeof(S)));
 }
 
+// Vectors loaded per thread before any is used: 4 x 16 bytes per stream keeps enough bytes in
+// flight per SM for HBM; with 8-wide vectors (a 16-bit dtype beside a wider one) 2 do the same
+// and keep the kernel within the 64-register budget of kMinBlocksPerSm.
+template <typename T, typename S>
+constexpr int unroll() {
+  return vec_width<T, S>() >= 8 ? 2 : 4;
+}
+
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
@@ -108,6 +116,7 @@ template <typename T, typename S, typename C>
 __device__ __forceinline__ void ema_range(T* __restrict__ t, const S* __restrict__ s, int64_t n, C m, C w,
                                           int64_t lane, int64_t lanes) {
   constexpr int N = vec_width<T, S>();
+  constexpr int kUnroll = unroll<T, S>();
   using VT = Vec<T, N>;
   using VS = Vec<S, N>;
   const bool aligned = reinterpret_cast<uintptr_t>(t) % sizeof(VT) == 0 &&
@@ -144,7 +153,7 @@ __device__ __forceinline__ void ema_range(T* __restrict__ t, const S* __restrict
 }
 
 template <typename T, typename S>
-__global__ void __launch_bounds__(kThreads) ema_flat_kernel(T* t, const S* s, int64_t n, MomentumArgs mo) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) ema_flat_kernel(T* t, const S* s, int64_t n, MomentumArgs mo) {
   using C = compute_t<T>;
   C m, w;
   momentum_values(mo, m, w);
@@ -153,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) ema_flat_kernel(T* t, const S* s, in
 }
 
 template <typename T, typename S>
-__global__ void __launch_bounds__(kThreads) ema_multi_tensor_kernel(TensorListArgs list, MomentumArgs mo) {
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm) ema_multi_tensor_kernel(TensorListArgs list, MomentumArgs mo) {
   using C = compute_t<T>;
   C m, w;
   momentum_values(mo, m, w);
@@ -171,14 +180,19 @@ void launch_flat(const at::Tensor& teacher, const at::Tensor& student, const Mom
                  cudaStream_t stream) {
   const int64_t n = teacher.numel();
   if (n == 0) return;
-  constexpr int N = vec_width<T, S>();
-  // Enough resident blocks to cover every SM a few times over; each thread then loops.
+  constexpr int64_t per_block = static_cast<int64_t>(kThreads) * vec_width<T, S>() * unroll<T, S>();
+  // One wave of resident blocks (more would only queue), each thread striding over the rest.
+  static const int resident_per_sm = [] {
+    int blocks = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, ema_flat_kernel<T, S>, kThreads, 0));
+    return std::max(blocks, 1);
+  }();
   int device = 0;
   int sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const int64_t wanted = (n + static_cast<int64_t>(kThreads) * N * kUnroll - 1) / (kThreads * N * kUnroll);
-  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, 4LL * sms)));
+  const int64_t wanted = (n + per_block - 1) / per_block;
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, 1LL * sms * resident_per_sm)));
   ema_flat_kernel<T, S><<<blocks, kThreads, 0, stream>>>(static_cast<T*>(teacher.data_ptr()),
                                                          static_cast<const S*>(student.data_ptr()), n, mo);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
