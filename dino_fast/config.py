@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import torch
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
 # main_dino.py renames DeiT to ViT ("we changed the name DeiT-S for ViT-S to avoid confusions").
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small", "deit_base": "vit_base"}
-DATA_KINDS = ("dali", "torchvision", "synthetic")
+DATA_KINDS = ("auto", "dali", "torchvision", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 OP_BACKENDS = ("triton", "native", "torch")
@@ -88,7 +89,8 @@ class TrainConfig:
     local_rank: int = 0
 
     # ---- ours ----
-    data: str = "torchvision"
+    # auto: dali on a GPU when nvidia-dali is installed, torchvision otherwise.
+    data: str = "auto"
     # None: bf16 autocast (fp32 when use_fp16 is given as false, fp16 when true).
     precision: str | None = None
     compile: bool = False
@@ -149,6 +151,13 @@ class TrainConfig:
         if self.use_fp16 is not None:
             return "fp16" if self.use_fp16 else "fp32"
         return "bf16"
+
+    def resolved_data(self) -> str:
+        """``data``, with ``auto`` resolved: DALI on a CUDA device when it is installed, else torchvision."""
+        if self.data != "auto":
+            return self.data
+        on_gpu = self.resolved_device().type == "cuda"
+        return "dali" if on_gpu and importlib.util.find_spec("nvidia.dali") is not None else "torchvision"
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -527,9 +536,10 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
         "--data",
         default=d.data,
         choices=DATA_KINDS,
-        help="input pipeline: dali decodes and augments on the GPU (fastest, needs nvidia-dali), torchvision "
-        "is the official PIL pipeline in DataLoader workers (CPU-bound: ~30 images/s per core), synthetic "
-        "feeds random crops already on the device to measure the training step alone",
+        help="input pipeline: auto picks dali on a GPU when nvidia-dali is installed, else torchvision. "
+        "dali decodes and augments on the GPU (fastest); torchvision is the official PIL pipeline in "
+        "DataLoader workers (CPU-bound: ~30 images/s per core); synthetic feeds random crops already on "
+        "the device, to measure the training step alone",
     )
     g.add_argument(
         "--precision",

@@ -482,6 +482,7 @@ def train(
     process group is torn down (e.g. the demo's k-NN evaluation of the teacher).
     """
     config.validate()
+    config = dataclasses.replace(config, data=config.resolved_data())
     info = distributed.init_distributed(config.device)
     try:
         result = _train(config, info)

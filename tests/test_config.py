@@ -79,6 +79,12 @@ def test_precision_contradiction_is_an_error():
         TrainConfig(precision="bf16", use_fp16=True).resolved_precision()
 
 
+def test_data_auto_resolves_to_a_pipeline():
+    assert TrainConfig(data="synthetic").resolved_data() == "synthetic"
+    # Without a GPU, auto is the torchvision pipeline whatever is installed.
+    assert TrainConfig(device="cpu").resolved_data() == "torchvision"
+
+
 def test_bool_flag():
     assert bool_flag("True") and bool_flag("on") and bool_flag("1")
     assert not (bool_flag("false") or bool_flag("OFF") or bool_flag("0"))

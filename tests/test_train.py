@@ -23,7 +23,7 @@ import torch
 
 from dino_fast import train as train_mod
 from dino_fast.checkpoint import load_checkpoint
-from dino_fast.config import TrainConfig
+from dino_fast.config import ConfigError, TrainConfig
 from dino_fast.train import NonFiniteLossError, Trainer, get_params_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -261,6 +261,11 @@ def test_nonfinite_loss_caught_at_log_interval(tmp_path, monkeypatch):
         train(cfg)
     # Read one interval late, it stops at iteration 2 at the latest; nothing was ever saved.
     assert not (Path(cfg.output_dir) / "checkpoint.pth").exists()
+
+
+def test_too_few_images_for_one_step_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than batch_size"):
+        train(smoke(tmp_path, synthetic_size=3))  # 3 images, 4 per step
 
 
 # ---------------------------------------------------------------------------------------------
