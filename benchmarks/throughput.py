@@ -110,7 +110,7 @@ STEPS_PER_EPOCH = 1000
 
 # Relative loss tolerance of the equal-loss check, by the precision a variant computes in. fp32
 # differs from the reference only by summation order; fp16 keeps 11 mantissa bits, bf16 8.
-CHECK_RTOL = {"fp32": 1e-4, "fp16": 2e-3, "bf16": 1e-2}
+CHECK_RTOL = {"fp32": 1e-4, "fp16": 1e-3, "bf16": 5e-3}
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
 # Matched in order against torch.cuda.get_device_name(); more specific names first.
@@ -125,7 +125,6 @@ PEAK_TFLOPS = (
     ("A800", 312.0),
     ("L40S", 362.1),
     ("L4", 121.0),
-    ("A10", 125.0),
     ("B200", 2250.0),
 )
 
@@ -161,13 +160,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--data",
-        choices=("synthetic", "dali"),
+        choices=("synthetic", "dali", "torchvision"),
         default="synthetic",
-        help="synthetic: one batch already on the device, reused (no loading cost); "
-        "dali: every step takes the next batch of the DALI pipeline over --data_path",
+        help="synthetic: one batch already on the device, reused (no loading cost); dali / "
+        "torchvision: every timed step takes the next batch of dino_fast's pipeline over --data_path, "
+        "so a step waits when loading does not keep up",
     )
-    p.add_argument("--data_path", default=None, help="ImageFolder root for --data dali")
-    p.add_argument("--num_workers", type=int, default=8, help="DALI CPU threads for --data dali")
+    p.add_argument("--data_path", default=None, help="ImageFolder root (class folders of images)")
+    p.add_argument("--num_workers", type=int, default=8, help="DALI CPU threads / torchvision loader workers")
     p.add_argument(
         "--peak_tflops",
         type=float,
@@ -204,15 +204,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--local_crops_number and --warmup must be >= 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: this torch sees no CUDA device; run --device cpu --preset tiny here")
-    if args.data == "dali":
-        if args.device != "cuda":
-            p.error("--data dali decodes on the GPU: use it with --device cuda")
+    if args.data != "synthetic":
         if not args.data_path:
-            p.error("--data dali needs --data_path DIR (an ImageFolder root: class folders of JPEGs)")
+            p.error(f"--data {args.data} needs --data_path DIR (an ImageFolder root: class folders of JPEGs)")
         if not Path(args.data_path).is_dir():
             p.error(f"--data_path {args.data_path!r} is not a directory")
     elif args.data_path:
-        p.error("--data_path is only used with --data dali")
+        p.error("--data_path is only used with --data dali or --data torchvision")
+    if args.num_workers < 0:
+        p.error(f"--num_workers must be >= 0 (got {args.num_workers})")
     return args
 
 
@@ -319,14 +319,15 @@ def crop_list(batch: Any, batch_size: int) -> list[torch.Tensor]:
     return views
 
 
-def dali_batches(
-    config: TrainConfig, device: torch.device, data_path: str, num_workers: int
+def loader_batches(
+    config: TrainConfig, kind: str, device: torch.device, data_path: str, num_workers: int
 ) -> Iterator[Any]:
-    """dino_fast's DALI multi-crop pipeline over ``data_path``, epoch after epoch."""
+    """dino_fast's ``kind`` multi-crop pipeline over ``data_path`` as training builds it, epoch
+    after epoch (crops in the compute dtype of dino_fast's default precision)."""
     from dino_fast.distributed import DistInfo
     from dino_fast.train import build_loader
 
-    config = dataclasses.replace(config, data="dali", data_path=data_path, num_workers=num_workers)
+    config = dataclasses.replace(config, data=kind, data_path=data_path, num_workers=num_workers)
     config.validate()
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None)
     loader = build_loader(config, info, Path(data_path))
@@ -489,7 +490,14 @@ class OfficialFamilyRunner:
         return views
 
     def step(self, prepared: list[torch.Tensor], iteration: int) -> float:
-        return self.train_step.step(prepared, self.ctx.hyper(iteration))
+        # main_dino.py sets cudnn.benchmark = True for its whole run (it picks the patch-embedding
+        # convolution's algorithm); scoped here so that dino_fast runs with its own setting.
+        saved = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = True
+        try:
+            return self.train_step.step(prepared, self.ctx.hyper(iteration))
+        finally:
+            torch.backends.cudnn.benchmark = saved
 
 
 class DinoFastRunner:
@@ -552,8 +560,12 @@ def check_losses(runner: Any, batch: Crops, ctx: Context) -> list[float]:
 
 
 def reference_losses(ctx: Context, batch: Crops) -> list[float]:
-    """The official step in fp32 without drop path: what every variant's losses must match."""
-    reference = Variant("reference", "official step in fp32", OFFICIAL_FP32)
+    """The official step in fp32 without drop path: what every variant's losses must match.
+    Attention runs through SDPA, equal to the explicit form in exact arithmetic (tested), so that
+    the fp32 reference does not hold fp32 N x N attention matrices for every block at B=128."""
+    reference = Variant(
+        "reference", "official step in fp32", dataclasses.replace(OFFICIAL_FP32, attn_impl="sdpa")
+    )
     with exact_fp32():
         runner = OfficialFamilyRunner(reference, ctx, drop_path_rate=0.0)
         losses = check_losses(runner, batch, ctx)
@@ -732,8 +744,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reference = reference_losses(ctx, batch)
     print(f"fp32 official reference losses (drop path off): {reference}", flush=True)
     timing_batches = None
-    if args.data == "dali":
-        timing_batches = lambda: dali_batches(config, device, args.data_path, args.num_workers)
+    if args.data != "synthetic":
+        timing_batches = lambda: loader_batches(config, args.data, device, args.data_path, args.num_workers)
 
     results = []
     for name in args.variants:

@@ -212,7 +212,8 @@ def test_step_rejects_inconsistent_options() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--device", "cpu", "--data", "dali", "--data_path", "."], "decodes on the GPU"),
+        (["--device", "cpu", "--data", "dali"], "needs --data_path"),
+        (["--device", "cpu", "--data", "torchvision", "--data_path", "/no/such/dir"], "not a directory"),
         (["--device", "cpu", "--variants", "official", "nope"], "unknown variant"),
         (["--device", "cpu", "--variants", "official", "official"], "twice"),
         (["--device", "cpu", "--batch_size_per_gpu", "0"], "batch_size_per_gpu"),
@@ -254,6 +255,22 @@ def test_failed_and_mismatching_variants_are_reported(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("pipeline", ["dali", "torchvision"])
+def test_real_data_pipeline_feeds_the_timed_steps(pipeline: str, tmp_path: Path) -> None:
+    from data_helpers import photo_folder
+
+    photos = photo_folder(tmp_path / "photos", per_class=4)
+    argv = ["--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "1", "--num_workers", "1"]
+    payload = throughput.main(
+        [*argv, "--data", pipeline, "--data_path", str(photos), "--variants", "dino_fast"]
+    )
+    (result,) = payload["variants"]
+    assert result["status"] == "ok", result.get("error")
+    assert result["check"]["passed"] and result["images_per_s"] > 0
+    assert payload["config"]["data"] == pipeline and payload["config"]["data_path"] == str(photos)
+
+
+@pytest.mark.slow
 def test_cpu_tiny_run_reports_every_variant(tmp_path: Path) -> None:
     out = tmp_path / "throughput.json"
     cmd = [sys.executable, str(REPO / "benchmarks" / "throughput.py"), "--device", "cpu", "--preset", "tiny"]
@@ -281,3 +298,43 @@ def test_cpu_tiny_run_reports_every_variant(tmp_path: Path) -> None:
     assert payload["flops_per_image"]["total"] > 0
     assert (proc.returncode == 0) == payload["all_ok"]
     assert "vs official" in proc.stdout  # the table was printed
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (benchmarks/gpu_check.sh)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_tuned_parts_compute_the_official_step() -> None:
+    # The CUDA kernels of the tuned parts (fused AdamW, foreach norm/mul/lerp, SDPA) against the
+    # official loops, in fp64 as on the CPU.
+    cuda = torch.device("cuda")
+    results = {}
+    for name, options in (
+        ("official", od.OFFICIAL_FP32),
+        ("tuned", dataclasses.replace(od.TUNED, amp_dtype=None)),
+    ):
+        state = od.official_state_dict(SMALL, seed=3)
+        step = od.TrainStep(SMALL, options, state, cuda, ncrops=4, dtype=torch.float64)
+        views = [v.to(cuda, torch.float64) for v in crops(2, 2, seed=4)]
+        results[name] = ([step.step(views, HYPER) for _ in range(3)], step)
+    (official_losses, official), (tuned_losses, tuned) = results["official"], results["tuned"]
+    torch.testing.assert_close(tuned_losses, official_losses, rtol=1e-10, atol=0)
+    for name, value in official.teacher.state_dict().items():
+        torch.testing.assert_close(tuned.teacher.state_dict()[name], value, rtol=1e-9, atol=1e-10, msg=name)
+
+
+@pytest.mark.gpu
+def test_gpu_small_run_times_every_precision(tmp_path: Path) -> None:
+    # The official variant on CUDA is the real fp16 + GradScaler path; every variant must pass the
+    # equal-loss check there and report memory (and MFU where the device is in the peak table).
+    argv = ["--device", "cuda", "--preset", "tiny", "--steps", "3", "--json", str(tmp_path / "t.json")]
+    payload = throughput.main([*argv, "--variants", "official", "tuned", "dino_fast", "dino_fast+fp16"])
+    results = {r["name"]: r for r in payload["variants"]}
+    for name, r in results.items():
+        assert r["status"] == "ok", (name, r.get("error"))
+        assert r["check"]["passed"] and r["peak_gib"] > 0, name
+        assert (r["mfu"] is None) == (payload["peak_tflops"] is None)
+    assert results["official"]["precision"] == "fp16" and results["tuned"]["precision"] == "bf16"
+    assert payload["environment"]["device_type"] == "cuda"
