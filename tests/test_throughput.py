@@ -251,7 +251,7 @@ def test_failed_and_mismatching_variants_are_reported(
     assert results["tuned"]["status"] == "failed" and "loss mismatch" in results["tuned"]["error"]
     assert "images_per_s" not in results["tuned"]  # a wrong step is not timed
     assert results["broken"]["status"] == "failed" and "attn_impl" in results["broken"]["error"]
-    assert payload["all_ok"] is False
+    assert payload["all_ok"] is False and payload["complete"] is True
 
 
 @pytest.mark.slow
@@ -338,3 +338,41 @@ def test_gpu_small_run_times_every_precision(tmp_path: Path) -> None:
         assert (r["mfu"] is None) == (payload["peak_tflops"] is None)
     assert results["official"]["precision"] == "fp16" and results["tuned"]["precision"] == "bf16"
     assert payload["environment"]["device_type"] == "cuda"
+
+
+class _HalvingScaler:
+    """A GradScaler stand-in whose scale halves on every step (every update skipped)."""
+
+    def __init__(self) -> None:
+        self.scale = 65536.0
+
+    def get_scale(self) -> float:
+        return self.scale
+
+
+class _StubRunner:
+    def __init__(self, losses: list[float], scaler: _HalvingScaler | None) -> None:
+        self.losses, self.grad_scaler, self.iterations = iter(losses), scaler, []
+
+    def prepare(self, batch: object) -> object:
+        return batch
+
+    def step(self, prepared: object, iteration: int) -> float:
+        self.iterations.append(iteration)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale /= 2
+        return next(self.losses)
+
+
+def test_check_compares_only_the_forward_after_a_skipped_fp16_update() -> None:
+    ctx = type("Ctx", (), {"first_iteration": 1000})()
+    # A skipped first update leaves the weights where they were, so only the first loss can match.
+    runner = _StubRunner([5.0, 4.0], _HalvingScaler())
+    losses, skipped = throughput.check_losses(runner, None, ctx)
+    assert skipped and losses == [5.0, 4.0] and runner.iterations == [1000, 1001]
+    check = throughput.compare(losses, [5.001, 5.5], "fp16", skipped)
+    assert check["passed"] and check["compared_steps"] == 1
+    # Without a scaler every step counts: the same losses then fail the check.
+    losses, skipped = throughput.check_losses(_StubRunner([5.0, 4.0], None), None, ctx)
+    assert not skipped and not throughput.compare(losses, [5.001, 5.5], "fp16", skipped)["passed"]
+    assert not throughput.compare([5.0, float("nan")], [5.0, 5.0], "bf16", False)["passed"]
