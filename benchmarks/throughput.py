@@ -6,6 +6,13 @@
     python benchmarks/throughput.py --device cuda --preset anchor --data dali --data_path DIR --json ...
     python benchmarks/throughput.py --device cpu --preset tiny --json /tmp/throughput_tiny.json
 
+Presets: ``anchor`` is DESIGN.md's measurement (ViT-S/16, 2x224 + 10x96 crops, K=65536, B=128;
+``--batch_size_per_gpu 64`` gives the B=64 anchor), ``tiny`` a full-depth ViT-tiny on 32/16-px
+crops with K=256 and B=4 that exercises every code path on a CPU. Data: by default one synthetic
+batch already on the device is reused (no loading cost); ``--data dali|torchvision --data_path
+DIR`` makes every timed step take the next batch of dino_fast's pipeline, so a step waits when
+loading does not keep up and the im/s then shows whether it does.
+
 Every variant times the same work per step as the official ``train_one_epoch`` body: teacher
 forward on the 2 global crops, student forward and backward on all crops, DINO loss, gradient
 clipping, AdamW and the teacher EMA. All variants share the architecture, batch, crops, K, the
@@ -15,8 +22,9 @@ Variants:
 
 - ``official``: benchmarks/official_dino.py, the official step re-implemented (explicit attention,
   per-resolution backbone loop, fp16 autocast + GradScaler, per-parameter clipping with two host
-  syncs per parameter, foreach AdamW, per-parameter EMA loop, ``loss.item()`` every step). On CPU
-  it runs in fp32: the official code enables autocast only with a GPU GradScaler.
+  syncs per parameter, foreach AdamW, per-parameter EMA loop, ``loss.item()`` every step and the
+  logging block's ``cuda.synchronize()``, cudnn.benchmark on). On CPU it runs in fp32: the
+  official code enables autocast only with a GPU GradScaler.
 - ``tuned``: the same step with SDPA attention, bf16 autocast (no scaler), fused AdamW, clipping
   with the official per-parameter rule computed by foreach ops without host syncs, foreach EMA.
 - ``tuned+compile``: ``tuned`` with both backbones under ``torch.compile`` (one static graph per
@@ -29,8 +37,12 @@ Variants:
 
 Before anything is timed, each variant runs two steps with drop path off on the same batch from
 the same weights, and its losses must match an fp32 run of the official step within the
-tolerance of its precision; a variant that does not match is reported as failed. Timing: warm-up
-steps excluded, then the median of ``--steps`` steps (CUDA events on a GPU). Peak memory is the
+tolerance of its precision (the first loss checks the forward, the second the whole update;
+after an update skipped by a calibrating GradScaler only the first is comparable); a variant
+that does not match is reported as failed and not timed. Timing: a fresh build with drop path
+0.1, steps at the iterations of epoch 1 (past freeze_last_layer: the head's last layer trains, as
+in the steady state), warm-up steps excluded (compilation happens there), then the median of
+``--steps`` steps (CUDA events on a GPU). Peak memory is the
 steady-state peak of the timed steps (``max_memory_allocated``, weights, optimizer state and the
 shared input batch included), with the previous variant freed and the peak reset in between.
 The JSON is rewritten after every variant (``"complete": false`` until the end), so a run cut off
@@ -39,10 +51,13 @@ by a time limit still leaves the variants it measured. Exit status 1 when any va
 Reading MFU: the script counts the matmul FLOPs of one image's share of a step analytically
 (student forward + backward over all crops, teacher forward over the global crops: every
 linear layer, the attention matmuls, the patch embedding and the DINO head) and prints the
-breakdown. MFU = FLOPs per image x images/s / the device's dense bf16/fp16 tensor-core peak
-(``--peak_tflops`` overrides the built-in table). Every variant does the same useful FLOPs, so
-MFU ratios equal throughput ratios; MFU says how far from the compute floor a variant is.
-(dino_fast's packed forward skips the last block's dead work on non-CLS tokens, about 5% of the
+breakdown (a test checks it against torch's FlopCounterMode). For the anchor it is 123.4 GFLOP:
+120.6 in the transformer blocks (DESIGN.md's "~121 GFLOP" counts these alone), 1.1 in the patch
+embedding and 1.7 in the head. MFU = FLOPs per image x images/s / the device's dense bf16/fp16
+tensor-core peak (``--peak_tflops`` overrides the built-in table). Every variant does the same
+useful FLOPs, so MFU ratios equal throughput ratios; MFU says how far from the compute floor a
+variant is.
+(dino_fast's packed forward skips the last block's dead work on non-CLS tokens, about 7% of the
 count; it is still credited with the full official count, as "model FLOPs" are.)
 """
 
