@@ -60,7 +60,7 @@ if wants kernels; then
 fi
 if wants throughput; then
   for batch in 128 64; do
-    step "throughput-b$batch" 420 $PY benchmarks/throughput.py --device cuda --preset anchor \
+    step "throughput-b$batch" 600 $PY benchmarks/throughput.py --device cuda --preset anchor \
       --batch_size_per_gpu "$batch" --json "$OUT/throughput_b$batch.json"
   done
 fi
