@@ -100,6 +100,8 @@ class TrainConfig:
     max_steps: int | None = None
     global_crops_size: int = 224
     local_crops_size: int = 96
+    # Gaussian-blur sigma range in pixels (official: 0.1-2.0, on 224/96-px crops).
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
     log_interval: int = 10
     ckpt_minutes: float = 20.0
     resume: bool = True
@@ -130,6 +132,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.global_crops_scale = tuple(float(x) for x in self.global_crops_scale)  # type: ignore[assignment]
         self.local_crops_scale = tuple(float(x) for x in self.local_crops_scale)  # type: ignore[assignment]
+        self.blur_sigma = tuple(float(x) for x in self.blur_sigma)  # type: ignore[assignment]
         self.arch = ARCH_ALIASES.get(self.arch, self.arch)
 
     # ------------------------------------------------------------------
@@ -169,6 +172,7 @@ class TrainConfig:
         out = dataclasses.asdict(self)
         out["global_crops_scale"] = list(self.global_crops_scale)
         out["local_crops_scale"] = list(self.local_crops_scale)
+        out["blur_sigma"] = list(self.blur_sigma)
         return out
 
     def validate(self) -> None:
@@ -218,6 +222,11 @@ class TrainConfig:
                     f"--{name} takes two numbers 0 < min <= max <= 1, the area fraction of the source "
                     f"image a crop covers (got {' '.join(map(str, scale))})"
                 )
+        if len(self.blur_sigma) != 2 or not 0.0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(
+                "--blur_sigma takes two numbers 0 < min <= max (pixels), got "
+                f"{' '.join(map(str, self.blur_sigma))}"
+            )
         for name in ("global_crops_size", "local_crops_size"):
             size = getattr(self, name)
             if size < self.patch_size:
@@ -580,6 +589,14 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
         help="stop after this global iteration (schedules still span --epochs); for benchmarks and tests",
     )
     g.add_argument("--global_crops_size", type=int, default=d.global_crops_size, help="global crop side (px)")
+    g.add_argument(
+        "--blur_sigma",
+        type=float,
+        nargs="+",
+        default=list(d.blur_sigma),
+        help="Gaussian blur sigma range in pixels; the official 0.1 2.0 is for 224-px crops, scale it "
+        "down with the crop size (the demo's 32-px crops use 0.02 0.3)",
+    )
     g.add_argument("--local_crops_size", type=int, default=d.local_crops_size, help="local crop side (px)")
     g.add_argument(
         "--log_interval",

@@ -352,6 +352,7 @@ def build_loader(config: TrainConfig, info: distributed.DistInfo, data_root: Pat
         global_crops_scale=tuple(config.global_crops_scale),
         local_crops_scale=tuple(config.local_crops_scale),
         local_crops_number=config.local_crops_number,
+        blur_sigma=tuple(config.blur_sigma),
     )
     kwargs: dict[str, Any] = {}
     if config.data == "synthetic":
