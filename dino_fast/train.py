@@ -783,6 +783,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         logger.error("%s", exc)
         return 1
+    except KeyboardInterrupt:
+        ckpt = Path(config.output_dir) / CHECKPOINT_NAME
+        if ckpt.is_file():
+            logger.error("interrupted; %s is intact: run the same command again to resume from it", ckpt)
+        else:
+            logger.error("interrupted before the first checkpoint; nothing to resume from")
+        return 130
     except (ConfigError, distributed.DistributedSetupError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
