@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from dino_fast.data.augment import MultiCropAugmentation
+from dino_fast.data.folders import check_images, scan_image_folder
 
 logger = logging.getLogger("dino_fast.data")
 
@@ -155,6 +157,42 @@ class MultiCropLoader(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class FolderMultiCropLoader(MultiCropLoader):
+    """A loader over an image folder, scanned and checked once at construction: unusable files
+    are dropped (folders.py's bad-input policy) and each rank must get at least one full batch."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        check: str,
+        batch_size: int,
+        augment: MultiCropAugmentation,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        seed: int,
+    ) -> None:
+        index = scan_image_folder(root)
+        checked = check_images(index, mode=check)
+        self.root = index.root
+        self.index = checked.index
+        self.sizes = checked.sizes
+        self.rejected = checked.rejected
+        super().__init__(
+            batch_size=batch_size,
+            augment=augment,
+            rank=rank,
+            world_size=world_size,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            dataset_size=len(self.index),
+        )
+        check_enough_samples(self.dataset_size, batch_size, world_size, self.root)
 
 
 def check_enough_samples(dataset_size: int, batch_size: int, world_size: int, root: Path | None) -> None:

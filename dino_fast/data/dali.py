@@ -48,8 +48,8 @@ import numpy as np
 import torch
 
 from dino_fast.data.augment import LUMA_WEIGHTS, MultiCropAugmentation, ViewParams, sample_view_params
-from dino_fast.data.batch import MultiCropBatch, MultiCropLoader, check_enough_samples, log_skipped
-from dino_fast.data.folders import UnusableImageError, check_images, inspect_image, scan_image_folder
+from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
+from dino_fast.data.folders import UnusableImageError, inspect_image
 
 logger = logging.getLogger("dino_fast.data")
 
@@ -95,7 +95,7 @@ def _default_threads(device: torch.device) -> int:
     return max(2, min(8, share)) if device.type == "cuda" else share
 
 
-class DALIMultiCropLoader(MultiCropLoader):
+class DALIMultiCropLoader(FolderMultiCropLoader):
     """Multi-crop batches from an image folder through one DALI pipeline.
 
     ``num_threads``: DALI CPU threads (default: this rank's share of the cores; 2-8 on a GPU).
@@ -127,13 +127,9 @@ class DALIMultiCropLoader(MultiCropLoader):
             )
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"the DALI pipeline outputs to 'cuda' or 'cpu', got device {device}")
-        index = scan_image_folder(root)
-        checked = check_images(index, mode=check)
-        self.root = index.root
-        self.index = checked.index
-        self.sizes = checked.sizes
-        self.rejected = checked.rejected
         super().__init__(
+            root,
+            check=check,
             batch_size=batch_size,
             augment=augment,
             rank=rank,
@@ -141,9 +137,7 @@ class DALIMultiCropLoader(MultiCropLoader):
             device=device,
             dtype=dtype,
             seed=seed,
-            dataset_size=len(self.index),
         )
-        check_enough_samples(self.dataset_size, batch_size, world_size, self.root)
         self.num_threads = num_threads or _default_threads(device)
         self.prefetch_queue_depth = prefetch_queue_depth
         self.hw_decoder_load = hw_decoder_load

@@ -28,14 +28,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from dino_fast.data.augment import MultiCropAugmentation
-from dino_fast.data.batch import (
-    MultiCropBatch,
-    MultiCropLoader,
-    check_enough_samples,
-    log_skipped,
-    mix_seed,
-)
-from dino_fast.data.folders import check_images, load_rgb, scan_image_folder
+from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped, mix_seed
+from dino_fast.data.folders import load_rgb
 
 
 class GaussianBlur:
@@ -188,7 +182,7 @@ class _CollateCropMajor:
         return global_crops, local_crops, indices, failed
 
 
-class TorchvisionMultiCropLoader(MultiCropLoader):
+class TorchvisionMultiCropLoader(FolderMultiCropLoader):
     """Multi-crop batches from an image folder with the official torchvision augmentation.
 
     ``num_workers`` DataLoader processes (default: all cores but one, at least 1; 0 = in the
@@ -210,13 +204,9 @@ class TorchvisionMultiCropLoader(MultiCropLoader):
         check: str = "header",
         prefetch_factor: int = 2,
     ) -> None:
-        index = scan_image_folder(root)
-        checked = check_images(index, mode=check)
-        self.root = index.root
-        self.index = checked.index
-        self.sizes = checked.sizes
-        self.rejected = checked.rejected
         super().__init__(
+            root,
+            check=check,
             batch_size=batch_size,
             augment=augment,
             rank=rank,
@@ -224,9 +214,7 @@ class TorchvisionMultiCropLoader(MultiCropLoader):
             device=device,
             dtype=dtype,
             seed=seed,
-            dataset_size=len(self.index),
         )
-        check_enough_samples(self.dataset_size, batch_size, world_size, self.root)
         if num_workers is None:
             num_workers = max(1, (os.cpu_count() or 2) - 1)
         self.num_workers = num_workers
