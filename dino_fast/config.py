@@ -20,7 +20,9 @@ Presets (``TrainConfig.from_preset(name, **overrides)`` or ``--preset NAME``):
   Precision: bf16 autocast instead of the official fp16 + GradScaler (same speed on
   Ampere and later, no loss scaling); pass ``--use_fp16 true`` for the official choice.
 - ``demo``: Fashion-MNIST (28x28 grey images upscaled to 32 px global / 16 px local crops)
-  with ViT-tiny/8 and a 4096-way head; a few minutes on a CPU, a longer schedule on a GPU.
+  with ViT-tiny/8 and a 4096-way head, then the teacher's k-NN accuracy against its random
+  initialization. On a CPU: 200 images per class, 3 epochs (93 steps), a few minutes; on a
+  GPU: all 60,000 images, 30 epochs.
 - ``smoke``: the smallest configuration that exercises every part, for tests.
 """
 
@@ -283,25 +285,29 @@ def _preset_values(name: str) -> dict[str, Any]:
         # Official README "Vanilla DINO training": main_dino.py defaults with --arch deit_small (= vit_small).
         return {"arch": "vit_small", "patch_size": 16, "batch_size_per_gpu": 64, "epochs": 100}
     if name == "demo":
+        # The official recipe's choices (norm_last_layer, momentum 0.996, lr 5e-4 per 256 images,
+        # teacher temperature 0.04) at Fashion-MNIST scale: 32/16-px crops of the 28-px images,
+        # patch 8 so a global crop is a 4x4 grid, a 4096-way head for 10 classes, and the blur
+        # scaled with the crop (official 0.1-2 px is for 224-px crops; 2 px erases a 32-px image).
         on_gpu = torch.cuda.is_available()
         return {
             "arch": "vit_tiny",
             "patch_size": 8,
             "out_dim": 4096,
-            # The paper's recommended small-model setting; Fashion-MNIST is easy, the head stays stable.
-            "norm_last_layer": False,
+            "norm_last_layer": True,
             "global_crops_size": 32,
             "local_crops_size": 16,
             "local_crops_number": 6,
             # Wider scales than ImageNet's: a 28-px image has little to crop.
             "global_crops_scale": (0.5, 1.0),
             "local_crops_scale": (0.2, 0.5),
+            "blur_sigma": (0.02, 0.3),
             "batch_size_per_gpu": 256 if on_gpu else 64,
             "epochs": 30 if on_gpu else 3,
             "warmup_epochs": 3 if on_gpu else 1,
             "lr": 0.0005,
             "min_lr": 1e-5,
-            "momentum_teacher": 0.99,
+            "momentum_teacher": 0.996,
             "teacher_temp": 0.04,
             "drop_path_rate": 0.0,
             "freeze_last_layer": 1,
