@@ -212,3 +212,20 @@ def test_package_exports_resolve():
         assert getattr(ev, name) is not None
     with pytest.raises(AttributeError, match="no attribute"):
         ev.nonexistent  # noqa: B018
+
+
+@pytest.mark.gpu
+def test_cuda_extraction_and_knn_match_cpu(folder, vit):
+    # The same features on the GPU (TF32 off: fp32 matmuls comparable with the CPU's) and the
+    # same k-NN votes from them: what --use_cuda true runs on a GPU machine.
+    from dino_fast.eval import knn
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cpu = feats.extract_split(vit, folder, SPEC)
+    gpu = feats.extract_split(vit.cuda(), folder, SPEC, device="cuda")
+    assert gpu.features.device.type == "cuda"
+    torch.testing.assert_close(gpu.features.cpu(), cpu.features, rtol=1e-3, atol=1e-4)
+    train_f, test_f = knn.normalize(cpu.features), knn.normalize(cpu.features[:2])
+    votes_cpu = knn.knn_votes(train_f, cpu.labels, test_f, 3, 0.07, 2)
+    votes_gpu = knn.knn_votes(train_f.cuda(), cpu.labels.cuda(), test_f.cuda(), 3, 0.07, 2)
+    torch.testing.assert_close(votes_gpu.cpu(), votes_cpu, rtol=1e-4, atol=0.0)

