@@ -324,13 +324,15 @@ def real_photo_folder(dest: Path) -> Path:
 
 @pytest.mark.slow
 def test_torchrun_two_process_gloo_on_real_photos(tmp_path):
-    data = real_photo_folder(tmp_path / "photos")
+    data = real_photo_folder(tmp_path / "photos" / "train")
+    shutil.copytree(data, tmp_path / "photos" / "test")  # the split --eval_knn looks for beside train/
     out = tmp_path / "out"
     proc = _run_cli(
         [
             "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "dino_fast.train", "--preset", "smoke", "--data", "torchvision",
             "--data_path", str(data), "--output_dir", str(out), "--device", "cpu", "--epochs", "2",
+            "--eval_knn",
         ],
         timeout=420,
     )  # fmt: skip
@@ -344,5 +346,7 @@ def test_torchrun_two_process_gloo_on_real_photos(tmp_path):
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
     assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
     assert "checkpoint:" in proc.stdout
+    # The k-NN hook ran on both ranks (sharded feature extraction) and rank 0 printed it.
+    assert "k-NN top-1 (k=20)" in proc.stdout and "vs random init" in proc.stdout
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert records[-1]["iteration"] == 5 and all(isinstance(r["loss"], float) for r in records)
