@@ -219,6 +219,22 @@ def test_checkpoint_is_official_compatible(tmp_path):
     assert [e["epoch"] for e in epoch_log] == [0] and "train_loss" in epoch_log[0]
 
 
+def test_time_based_checkpoints_mid_epoch(tmp_path, monkeypatch):
+    saved: list[int] = []
+    real_save = train_mod.atomic_save
+
+    def spy(state, path):
+        saved.append(state["iteration"])
+        return real_save(state, path)
+
+    monkeypatch.setattr(train_mod, "atomic_save", spy)
+    # A deadline that is always due: rank 0 raises the flag with each snapshot, every rank sees
+    # it one interval later and saves there (then the deadline restarts).
+    train(smoke(tmp_path, ckpt_minutes=1e-9, log_interval=1, max_steps=4))
+    assert saved[0] == 2  # flagged with the snapshot after step 1, acted on after step 2
+    assert saved[-1] == 4 and saved == sorted(set(saved))
+
+
 class _PoisonedLoader:
     """Wraps a loader and turns the crops of one global iteration into NaN."""
 
