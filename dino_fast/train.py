@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dino_fast import distributed
+from dino_fast import attention, distributed
 from dino_fast.checkpoint import (
     CHECKPOINT_NAME,
     atomic_copy,
@@ -223,6 +223,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=ids)
         if config.compile:
+            # The attention probes cannot run inside a trace: settle them now, so that a compiled
+            # run can still choose packed varlen attention or xformers.
+            attention.prepare(self.device, self.amp_dtype or torch.float32)
             self.student_ddp.compile(mode=config.compile_mode)
             self.teacher.compile(mode=config.compile_mode)
 
