@@ -153,7 +153,14 @@ def test_cli_with_several_images_and_a_checkpoint(vit, tmp_path):
     for photo in photos:
         assert (out / photo.stem / "attn-grid.png").is_file()
         assert (out / photo.stem / f"attn-head{vit.num_heads - 1}.png").is_file()
-    assert len(files) == 2 * (vit.num_heads + 2)
+    assert len(files) == 2 * (vit.num_heads + 2) + 1
+    # the overview stacks both images' rows; "48" resizes the shorter side, so the tiles differ
+    # in size and the cells take the largest
+    assert files[-1] == out / "attn-overview.png"
+    sizes = [Image.open(out / p.stem / "img.png").size for p in photos]
+    with Image.open(out / "attn-overview.png") as im:
+        cell_w, cell_h = max(w for w, _ in sizes), max(h for _, h in sizes)
+        assert im.size == ((vit.num_heads + 1) * (cell_w + 4) + 4, 2 * (cell_h + 4) + 4)
     with pytest.raises(SystemExit, match="no such file"):
         vis.main(["--image_path", str(tmp_path / "nope.jpg"), "--output_dir", str(out)])
 

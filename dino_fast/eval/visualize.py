@@ -15,7 +15,9 @@ official script does). Written per image:
   second row with the masks when thresholding).
 
 With one image the files go straight into ``--output_dir`` (as the official script does);
-with several, each image gets a sub-folder named after its file.
+with several, each image gets a sub-folder named after its file, and ``attn-overview.png`` in
+``--output_dir`` stacks every image's grid rows. ``--output_scale N`` enlarges the pictures
+N times (pixel repetition) for models that run on small inputs.
 
     python -m dino_fast.visualize --pretrained_weights out/checkpoint.pth --arch vit_small \
         --patch_size 8 --image_path photo.jpg --output_dir attn --threshold 0.6
@@ -28,6 +30,7 @@ import colorsys
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -187,20 +190,67 @@ def overlay_mask(rgb: np.ndarray, mask: np.ndarray, color: Sequence[int], alpha:
 
 
 def make_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 4) -> np.ndarray:
-    """Tiles (equal-sized uint8 RGB) laid out row by row on a white background."""
-    h, w = rows[0][0].shape[:2]
+    """uint8 RGB tiles laid out row by row on a white background (cells sized to the largest tile)."""
+    h = max(tile.shape[0] for row in rows for tile in row)
+    w = max(tile.shape[1] for row in rows for tile in row)
     ncols = max(len(r) for r in rows)
     grid = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, row in enumerate(rows):
         for j, tile in enumerate(row):
             y, x = pad + i * (h + pad), pad + j * (w + pad)
-            grid[y : y + h, x : x + w] = tile
+            grid[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
     return grid
 
 
 def _save(arr: np.ndarray, path: Path) -> Path:
     Image.fromarray(arr).save(path)
     return path
+
+
+@dataclass
+class AttentionPictures:
+    """Everything drawn for one image (uint8 RGB arrays), before anything is written."""
+
+    image: np.ndarray
+    heatmaps: list[np.ndarray]
+    masks: list[np.ndarray] = field(default_factory=list)
+    rows: list[list[np.ndarray]] = field(default_factory=list)
+
+
+def render_attention(
+    model: nn.Module,
+    image_path: str | os.PathLike[str],
+    *,
+    image_size: Sequence[int] = (480, 480),
+    threshold: float | None = None,
+    output_scale: int = 1,
+) -> AttentionPictures:
+    """The pictures of one image: input, per-head heat maps, masks, and the grid's rows.
+
+    ``output_scale`` enlarges every picture by pixel repetition (for models that run on small
+    images, e.g. the 32-px Fashion-MNIST demo); the model input is not affected.
+    """
+    if output_scale < 1:
+        raise ValueError(f"--output_scale must be a positive integer, got {output_scale}")
+    patch = int(model.patch_size)
+    image, rgb = load_image(image_path, image_size, patch)
+    attn = cls_attention(model, image)
+    num_heads = attn.shape[0]
+    rgb = np.ascontiguousarray(_upsample(rgb.transpose(2, 0, 1), output_scale).transpose(1, 2, 0))
+    patch *= output_scale
+    maps = _upsample(attn.numpy().astype(np.float64), patch)
+    heats = [_minmax(maps[j]) for j in range(num_heads)]
+    pictures = AttentionPictures(image=rgb, heatmaps=[colormap(h) for h in heats])
+    pictures.rows.append([rgb, *(overlay_heatmap(rgb, heat) for heat in heats)])
+    if threshold is not None:
+        masks = _upsample(threshold_masks(attn, threshold).numpy(), patch)
+        colors = head_colors(num_heads)
+        pictures.masks = [overlay_mask(rgb, masks[j], colors[j]) for j in range(num_heads)]
+        union = rgb
+        for j in range(num_heads):
+            union = overlay_mask(union, masks[j], colors[j], alpha=0.5 / num_heads)
+        pictures.rows.append([union, *pictures.masks])
+    return pictures
 
 
 def visualize_image(
@@ -212,41 +262,25 @@ def visualize_image(
     threshold: float | None = None,
     output_scale: int = 1,
 ) -> list[Path]:
-    """Write the attention PNGs of one image into ``output_dir``; returns the files written.
+    """Write the attention PNGs of one image into ``output_dir``; returns the files written."""
+    pictures = render_attention(
+        model, image_path, image_size=image_size, threshold=threshold, output_scale=output_scale
+    )
+    written = write_pictures(pictures, output_dir, threshold)
+    logger.info("%s: wrote %d files to %s", image_path, len(written), output_dir)
+    return written
 
-    ``output_scale`` enlarges every written picture by pixel repetition (for models that run
-    on small images, e.g. the 32-px Fashion-MNIST demo); the model input is not affected.
-    """
-    if output_scale < 1:
-        raise ValueError(f"--output_scale must be a positive integer, got {output_scale}")
-    patch = int(model.patch_size)
-    image, rgb = load_image(image_path, image_size, patch)
-    attn = cls_attention(model, image)
-    num_heads = attn.shape[0]
+
+def write_pictures(
+    pictures: AttentionPictures, output_dir: str | os.PathLike[str], threshold: float | None
+) -> list[Path]:
+    """``img.png``, ``attn-head{j}.png``, ``mask_th{t}_head{j}.png`` and ``attn-grid.png``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rgb = np.ascontiguousarray(_upsample(rgb.transpose(2, 0, 1), output_scale).transpose(1, 2, 0))
-    patch *= output_scale
-    written = [_save(rgb, out / "img.png")]
-    maps = _upsample(attn.numpy().astype(np.float64), patch)
-    heats = [_minmax(maps[j]) for j in range(num_heads)]
-    for j in range(num_heads):
-        written.append(_save(colormap(heats[j]), out / f"attn-head{j}.png"))
-    rows = [[rgb, *(overlay_heatmap(rgb, heat) for heat in heats)]]
-    if threshold is not None:
-        masks = _upsample(threshold_masks(attn, threshold).numpy(), patch)
-        colors = head_colors(num_heads)
-        mask_tiles = []
-        for j in range(num_heads):
-            tile = overlay_mask(rgb, masks[j], colors[j])
-            mask_tiles.append(tile)
-            written.append(_save(tile, out / f"mask_th{threshold}_head{j}.png"))
-        union = rgb
-        for j in range(num_heads):
-            union = overlay_mask(union, masks[j], colors[j], alpha=0.5 / num_heads)
-        rows.append([union, *mask_tiles])
-    written.append(_save(make_grid(rows), out / "attn-grid.png"))
-    logger.info("%s: wrote %d files to %s", image_path, len(written), out)
+    written = [_save(pictures.image, out / "img.png")]
+    written += [_save(heat, out / f"attn-head{j}.png") for j, heat in enumerate(pictures.heatmaps)]
+    written += [_save(mask, out / f"mask_th{threshold}_head{j}.png") for j, mask in enumerate(pictures.masks)]
+    written.append(_save(make_grid(pictures.rows), out / "attn-grid.png"))
     return written
 
 
@@ -301,16 +335,15 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if missing:
         raise SystemExit(f"--image_path: no such file(s): {', '.join(missing)}")
     model = feats.build_model_from_args(args, device)
+    options = dict(image_size=args.image_size, threshold=args.threshold, output_scale=args.output_scale)
     written: list[Path] = []
+    overview: list[list[np.ndarray]] = []
     for path, out in zip(args.image_path, _output_dirs(args.image_path, args.output_dir), strict=True):
-        written += visualize_image(
-            model,
-            path,
-            out,
-            image_size=args.image_size,
-            threshold=args.threshold,
-            output_scale=args.output_scale,
-        )
+        pictures = render_attention(model, path, **options)
+        written += write_pictures(pictures, out, args.threshold)
+        overview += pictures.rows
+    if len(args.image_path) > 1:
+        written.append(_save(make_grid(overview), args.output_dir / "attn-overview.png"))
     print(f"wrote {len(written)} files under {args.output_dir}", flush=True)
     return written
 
