@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from dino_fast.config import ConfigError, TrainConfig, bool_flag, parse_args
 
@@ -49,6 +50,17 @@ def test_presets_validate(name, tmp_path):
     cfg = TrainConfig.from_preset(name, data="synthetic") if name != "demo" else TrainConfig.from_preset(name)
     cfg.validate()
     assert cfg.preset == name
+
+
+def test_demo_schedule_follows_the_device_it_will_run_on(monkeypatch):
+    # A GPU machine asked for --device cpu must get the CPU schedule (minutes), not the GPU one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = TrainConfig.from_preset("demo")
+    cpu = TrainConfig.from_preset("demo", device="cpu")
+    flags = parse_args(["--preset", "demo", "--device", "cpu"])
+    assert (gpu.epochs, gpu.demo_max_per_class, gpu.batch_size_per_gpu) == (30, 0, 256)
+    assert (cpu.epochs, cpu.demo_max_per_class, cpu.batch_size_per_gpu, cpu.num_workers) == (24, 200, 64, 0)
+    assert (flags.epochs, flags.demo_max_per_class, flags.device) == (24, 200, "cpu")
 
 
 def test_from_preset_overrides_and_rejects_unknown():
