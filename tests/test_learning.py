@@ -1,0 +1,129 @@
+"""Learning on real data: the demo preset's CPU schedule on Fashion-MNIST, judged on held-out images.
+
+``TrainConfig.from_preset("demo", device="cpu")`` is exactly what ``python -m dino_fast.train
+--preset demo`` runs on a CPU (ViT-tiny/8, 32-px crops, 200 Fashion-MNIST images per class,
+744 steps). The trained networks are loaded back from the checkpoint file, as a user evaluates
+them, and compared with the initialization the run started from on the *test* split, which
+training never sees:
+
+1. the objective generalizes: on augmented views of test images, the trained student/teacher
+   pair's DINO loss is far below the initial pair's (~log K: the untrained head is uniform),
+   which also rules out a collapse to uniform outputs;
+2. the teacher's weighted 20-NN top-1 (the DINO paper's k-NN on CLS features) against the same
+   network at its random initialization: measured and printed, and held to
+   ``KNN_TOLERANCE`` points below it at most.
+
+What this does not assert, and why: a k-NN *gain* over random init. A random ViT's CLS token
+keeps much of the pixel layout that Fashion-MNIST's centred, aligned images reward (~58%),
+and DINO's first epochs trade it for augmentation invariance (the k-NN dips by 2-12 points)
+before the features recover. Measured on a 2-core CPU (teacher vs random init, 20-NN top-1):
+this preset, 744 steps: this test (seed 0, 2 threads, 514 s of training) 60.25 vs 57.75
+(+2.50); two runs sharing the cores, one thread each: seed 0 59.50 vs 57.75 (+1.75), seed 1
+58.80 vs 59.40 (-0.60); earlier recipes: 992 steps +2.0; 496 steps +1.4; the previous demo
+recipe -3.6 to -5.9. Within the issue's 10 CPU minutes no recipe found gains reliably, so a
+positive margin would be a coin flip. What the tolerance does catch: features that collapse
+(a collapsed backbone falls to ~10-45%) or a recipe that loses the random init's accuracy
+(the previous one).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+
+from dino_fast import reference
+from dino_fast.config import TrainConfig
+from dino_fast.data import MultiCropAugmentation, make_loader
+from dino_fast.eval.features import build_backbone, load_pretrained_weights
+from dino_fast.eval.knn import knn_accuracy
+from dino_fast.models import DINOModel
+from dino_fast.train import build_dino_model, train
+
+K = 20
+SEED = 0
+KNN_TOLERANCE = 3.0  # percentage points the teacher's 20-NN top-1 may fall below random init's
+# Held-out DINO loss after / before training: measured 0.66 and 0.76 (seeds 0, 1) and 0.67 (seed 0,
+# 2 threads); a run that learned nothing stays near 1, a uniform collapse goes to log K / 7.1 = 1.17.
+MAX_LOSS_RATIO = 0.85
+
+
+def held_out_views(cfg: TrainConfig, test_root, num_images: int = 256) -> torch.Tensor:
+    """Two augmented global views of test images, crop-major ``(2B, 3, G, G)``, fixed seed."""
+    augment = MultiCropAugmentation(
+        global_crop_size=cfg.global_crops_size,
+        local_crop_size=cfg.local_crops_size,
+        global_crops_scale=tuple(cfg.global_crops_scale),
+        local_crops_scale=tuple(cfg.local_crops_scale),
+        local_crops_number=0,
+        blur_sigma=tuple(cfg.blur_sigma),
+    )
+    loader = make_loader(
+        "torchvision",
+        str(test_root),
+        batch_size=num_images,
+        local_crops_number=0,
+        augment=augment,
+        device="cpu",
+        dtype=torch.float32,
+        num_workers=0,
+        seed=1234,
+    )
+    loader.set_epoch(0)
+    return next(iter(loader)).global_crops
+
+
+@torch.no_grad()
+def dino_objective(student: DINOModel, teacher: DINOModel, views: torch.Tensor, center, cfg) -> float:
+    """The training loss (reference implementation) of a student/teacher pair on ``views``."""
+    student.eval()
+    teacher.eval()
+    return float(
+        reference.dino_loss(student(views), teacher(views), center, ncrops=2, teacher_temp=cfg.teacher_temp)
+    )
+
+
+@pytest.mark.slow
+def test_demo_preset_learns_on_held_out_images_and_keeps_random_init_knn(tmp_path):
+    cfg = TrainConfig.from_preset(
+        "demo", device="cpu", output_dir=str(tmp_path / "run"), eval_knn=False, seed=SEED
+    )
+    torch.manual_seed(cfg.seed)  # the initialization the run starts from (train() seeds alike)
+    init = build_dino_model(cfg, drop_path_rate=0.0)
+    started = time.perf_counter()
+    result = train(cfg)
+    train_seconds = time.perf_counter() - started
+    assert result.checkpoint is not None and result.data_root is not None
+    test_root = result.data_root.parent / "test"
+
+    # 1. the self-distillation objective on unseen images, before and after
+    ckpt = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    student = build_dino_model(cfg, drop_path_rate=0.0)
+    student.load_state_dict({k.removeprefix("module."): v for k, v in ckpt["student"].items()})
+    teacher = build_dino_model(cfg, drop_path_rate=0.0)
+    teacher.load_state_dict(ckpt["teacher"])
+    views = held_out_views(cfg, test_root)
+    loss_init = dino_objective(init, init, views, torch.zeros(1, cfg.out_dim), cfg)
+    loss_trained = dino_objective(student, teacher, views, ckpt["dino_loss"]["center"], cfg)
+
+    # 2. the teacher's k-NN, loaded the way users evaluate a checkpoint, against random init
+    backbone = build_backbone(cfg.arch, cfg.patch_size)
+    load_pretrained_weights(backbone, result.checkpoint, "teacher")
+    kwargs = dict(nb_knn=(K,), image_size=cfg.global_crops_size, resize_size=cfg.global_crops_size)
+    trained_knn = knn_accuracy(backbone, result.data_root, test_root, batch_size=256, **kwargs)[K]
+    random_knn = knn_accuracy(init.backbone, result.data_root, test_root, batch_size=256, **kwargs)[K]
+    print(
+        f"\n{result.iteration} steps in {train_seconds:.0f}s; held-out DINO loss {loss_init:.3f} -> "
+        f"{loss_trained:.3f} (log K = {math.log(cfg.out_dim):.3f}); teacher {K}-NN top-1 "
+        f"{trained_knn:.2f}% vs random init {random_knn:.2f}% ({trained_knn - random_knn:+.2f} points)"
+    )
+    assert loss_trained <= MAX_LOSS_RATIO * loss_init, (
+        f"held-out DINO loss went from {loss_init:.3f} to only {loss_trained:.3f}: the run did not learn "
+        "the self-distillation task beyond its training images (or collapsed to uniform outputs)"
+    )
+    assert trained_knn >= random_knn - KNN_TOLERANCE, (
+        f"the trained teacher's {K}-NN top-1 is {trained_knn:.2f}%, more than {KNN_TOLERANCE} points below "
+        f"the random initialization's {random_knn:.2f}%: the features got worse (or collapsed)"
+    )
