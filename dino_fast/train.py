@@ -346,10 +346,11 @@ def resolve_data_path(config: TrainConfig) -> Path | None:
     return Path(config.data_path)
 
 
-def build_loader(config: TrainConfig, info: distributed.DistInfo, data_root: Path | None) -> Any:
-    from dino_fast.data import MultiCropAugmentation, make_loader
+def build_augmentation(config: TrainConfig) -> Any:
+    """The ``MultiCropAugmentation`` a run with ``config`` trains on."""
+    from dino_fast.data import MultiCropAugmentation
 
-    augment = MultiCropAugmentation(
+    return MultiCropAugmentation(
         global_crop_size=config.global_crops_size,
         local_crop_size=config.local_crops_size,
         global_crops_scale=tuple(config.global_crops_scale),
@@ -357,6 +358,12 @@ def build_loader(config: TrainConfig, info: distributed.DistInfo, data_root: Pat
         local_crops_number=config.local_crops_number,
         blur_sigma=tuple(config.blur_sigma),
     )
+
+
+def build_loader(config: TrainConfig, info: distributed.DistInfo, data_root: Path | None) -> Any:
+    from dino_fast.data import make_loader
+
+    augment = build_augmentation(config)
     kwargs: dict[str, Any] = {}
     if config.data == "synthetic":
         kwargs["dataset_size"] = config.synthetic_size

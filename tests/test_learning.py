@@ -28,6 +28,7 @@ positive margin would be a coin flip. What the tolerance does catch: features th
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 
@@ -36,11 +37,11 @@ import torch
 
 from dino_fast import reference
 from dino_fast.config import TrainConfig
-from dino_fast.data import MultiCropAugmentation, make_loader
+from dino_fast.data import make_loader
 from dino_fast.eval.features import build_backbone, load_pretrained_weights
 from dino_fast.eval.knn import knn_accuracy
 from dino_fast.models import DINOModel
-from dino_fast.train import build_dino_model, train
+from dino_fast.train import build_augmentation, build_dino_model, train
 
 K = 20
 SEED = 0
@@ -52,14 +53,7 @@ MAX_LOSS_RATIO = 0.85
 
 def held_out_views(cfg: TrainConfig, test_root, num_images: int = 256) -> torch.Tensor:
     """Two augmented global views of test images, crop-major ``(2B, 3, G, G)``, fixed seed."""
-    augment = MultiCropAugmentation(
-        global_crop_size=cfg.global_crops_size,
-        local_crop_size=cfg.local_crops_size,
-        global_crops_scale=tuple(cfg.global_crops_scale),
-        local_crops_scale=tuple(cfg.local_crops_scale),
-        local_crops_number=0,
-        blur_sigma=tuple(cfg.blur_sigma),
-    )
+    augment = dataclasses.replace(build_augmentation(cfg), local_crops_number=0)
     loader = make_loader(
         "torchvision",
         str(test_root),

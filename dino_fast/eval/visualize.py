@@ -215,6 +215,7 @@ class AttentionPictures:
     heatmaps: list[np.ndarray]
     masks: list[np.ndarray] = field(default_factory=list)
     rows: list[list[np.ndarray]] = field(default_factory=list)
+    threshold: float | None = None  # the attention mass the masks keep
 
 
 def render_attention(
@@ -245,6 +246,7 @@ def render_attention(
     if threshold is not None:
         masks = _upsample(threshold_masks(attn, threshold).numpy(), patch)
         colors = head_colors(num_heads)
+        pictures.threshold = threshold
         pictures.masks = [overlay_mask(rgb, masks[j], colors[j]) for j in range(num_heads)]
         union = rgb
         for j in range(num_heads):
@@ -266,20 +268,19 @@ def visualize_image(
     pictures = render_attention(
         model, image_path, image_size=image_size, threshold=threshold, output_scale=output_scale
     )
-    written = write_pictures(pictures, output_dir, threshold)
+    written = write_pictures(pictures, output_dir)
     logger.info("%s: wrote %d files to %s", image_path, len(written), output_dir)
     return written
 
 
-def write_pictures(
-    pictures: AttentionPictures, output_dir: str | os.PathLike[str], threshold: float | None
-) -> list[Path]:
+def write_pictures(pictures: AttentionPictures, output_dir: str | os.PathLike[str]) -> list[Path]:
     """``img.png``, ``attn-head{j}.png``, ``mask_th{t}_head{j}.png`` and ``attn-grid.png``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = [_save(pictures.image, out / "img.png")]
     written += [_save(heat, out / f"attn-head{j}.png") for j, heat in enumerate(pictures.heatmaps)]
-    written += [_save(mask, out / f"mask_th{threshold}_head{j}.png") for j, mask in enumerate(pictures.masks)]
+    for j, mask in enumerate(pictures.masks):
+        written.append(_save(mask, out / f"mask_th{pictures.threshold}_head{j}.png"))
     written.append(_save(make_grid(pictures.rows), out / "attn-grid.png"))
     return written
 
@@ -340,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     overview: list[list[np.ndarray]] = []
     for path, out in zip(args.image_path, _output_dirs(args.image_path, args.output_dir), strict=True):
         pictures = render_attention(model, path, **options)
-        written += write_pictures(pictures, out, args.threshold)
+        written += write_pictures(pictures, out)
         overview += pictures.rows
     if len(args.image_path) > 1:
         written.append(_save(make_grid(overview), args.output_dir / "attn-overview.png"))
