@@ -236,6 +236,7 @@ class Trainer:
             config.teacher_temp,
             config.warmup_teacher_temp_epochs,
             config.epochs,
+            center_momentum=config.center_momentum,
             backend=config.backend,
         ).to(self.device)
 
@@ -470,7 +471,7 @@ def _summary(
         f"(warmup {config.warmup_epochs} ep) -> {config.min_lr:g}; wd {config.weight_decay:g}->"
         f"{config.weight_decay_end:g}; momentum {config.momentum_teacher:g}->1; teacher temp "
         f"{config.warmup_teacher_temp:g}->{config.teacher_temp:g} over "
-        f"{config.warmup_teacher_temp_epochs} ep",
+        f"{config.warmup_teacher_temp_epochs} ep; center momentum {config.center_momentum:g}",
         f"  optim: {type(trainer.optimizer).__name__}"
         f"{' (fused)' if trainer.optimizer.defaults.get('fused') else ''}, clip {config.clip_grad:g} "
         f"(global norm), freeze last layer {config.freeze_last_layer} ep, precision {trainer.precision}, "

@@ -144,6 +144,21 @@ def test_step_matches_official_update(tmp_path):
     torch.testing.assert_close(t.dino_loss.center, ref_loss.center)
 
 
+@pytest.mark.parametrize("center_momentum", [0.0, 0.5])  # batch centering (the demo's), and a blend
+def test_center_momentum_comes_from_the_config(tmp_path, center_momentum):
+    cfg = smoke(tmp_path, precision="fp32", center_momentum=center_momentum)
+    t = make_trainer(cfg)
+    teacher = copy.deepcopy(t.teacher)
+    previous = torch.randn_like(t.dino_loss.center)
+    t.dino_loss.center.copy_(previous)
+    batch = synthetic_batch(cfg)
+    t.step(batch, 0)
+    with torch.no_grad():
+        batch_center = teacher(batch.global_crops).mean(0, keepdim=True)
+    expected = center_momentum * previous + (1 - center_momentum) * batch_center
+    torch.testing.assert_close(t.dino_loss.center, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_last_layer_frozen_only_during_freeze_epochs(tmp_path):
     cfg = smoke(tmp_path, norm_last_layer=False, freeze_last_layer=1, lr=0.5)
     t = make_trainer(cfg, steps_per_epoch=2)
