@@ -9,21 +9,27 @@ training never sees:
 1. the objective generalizes: on augmented views of test images, the trained student/teacher
    pair's DINO loss is far below the initial pair's (~log K: the untrained head is uniform),
    which also rules out a collapse to uniform outputs;
-2. the teacher's weighted 20-NN top-1 (the DINO paper's k-NN on CLS features) against the same
-   network at its random initialization: measured and printed, and held to
-   ``KNN_TOLERANCE`` points below it at most.
+2. the teacher's weighted 20-NN top-1 (the DINO paper's k-NN on CLS features) beats the same
+   network at its random initialization by at least ``KNN_MARGIN`` points.
 
-What this does not assert, and why: a k-NN *gain* over random init. A random ViT's CLS token
-keeps much of the pixel layout that Fashion-MNIST's centred, aligned images reward (~58%),
-and DINO's first epochs trade it for augmentation invariance (the k-NN dips by 2-12 points)
-before the features recover. Measured on a 2-core CPU (teacher vs random init, 20-NN top-1):
-this preset, 744 steps: this test (seed 0, 2 threads, 514 s of training) 60.25 vs 57.75
-(+2.50); two runs sharing the cores, one thread each: seed 0 59.50 vs 57.75 (+1.75), seed 1
-58.80 vs 59.40 (-0.60); earlier recipes: 992 steps +2.0; 496 steps +1.4; the previous demo
-recipe -3.6 to -5.9. Within the issue's 10 CPU minutes no recipe found gains reliably, so a
-positive margin would be a coin flip. What the tolerance does catch: features that collapse
-(a collapsed backbone falls to ~10-45%) or a recipe that loses the random init's accuracy
-(the previous one).
+How the margin was set. Measured on a 2-core CPU, teacher vs random init, 20-NN top-1 on the
+test split (one thread per run, two runs side by side, 744 steps each):
+
+    seed          0      1      2      3      4
+    random init   57.75  59.40  59.55  58.75  57.30
+    teacher       61.35  60.10  60.70  61.30  60.25
+    gain          +3.60  +0.70  +1.15  +2.55  +2.95
+
+This test itself (seed 0, both threads, 507 s of training) measured 59.80 vs 57.75 (+2.05).
+The seed fixes the initialization, so the random-init number is fixed (57.75); what varies
+with the thread count and the machine is the training trajectory, and over these six
+trajectories the teacher landed between 59.80 and 61.35, at least 2.05 points above this
+seed's init. The margin, 1.0 point, sits below that with room for a worse trajectory.
+
+The gain is small because a few hundred CPU steps only begin to teach a ViT: at initialization
+attention is near uniform and the CLS token is close to an average of its 16 patches (57.75%,
+against 79.65% for the raw pixels with the same k-NN); DINO must learn where to look before
+the layout counts.
 """
 
 from __future__ import annotations
@@ -45,9 +51,9 @@ from dino_fast.train import build_augmentation, build_dino_model, train
 
 K = 20
 SEED = 0
-KNN_TOLERANCE = 3.0  # percentage points the teacher's 20-NN top-1 may fall below random init's
-# Held-out DINO loss after / before training: measured 0.66 and 0.76 (seeds 0, 1) and 0.67 (seed 0,
-# 2 threads); a run that learned nothing stays near 1, a uniform collapse goes to log K / 7.1 = 1.17.
+KNN_MARGIN = 1.0  # percentage points the teacher's 20-NN top-1 must gain over random init's
+# Held-out DINO loss after / before training: measured 0.67-0.74 (seeds 0-2); a run that learned
+# nothing stays near 1, a uniform collapse goes to log K / 7.1 = 1.17.
 MAX_LOSS_RATIO = 0.85
 
 
@@ -80,7 +86,7 @@ def dino_objective(student: DINOModel, teacher: DINOModel, views: torch.Tensor, 
 
 
 @pytest.mark.slow
-def test_demo_preset_learns_on_held_out_images_and_keeps_random_init_knn(tmp_path):
+def test_demo_preset_learns_on_held_out_images_and_beats_random_init_knn(tmp_path):
     cfg = TrainConfig.from_preset(
         "demo", device="cpu", output_dir=str(tmp_path / "run"), eval_knn=False, seed=SEED
     )
@@ -117,7 +123,8 @@ def test_demo_preset_learns_on_held_out_images_and_keeps_random_init_knn(tmp_pat
         f"held-out DINO loss went from {loss_init:.3f} to only {loss_trained:.3f}: the run did not learn "
         "the self-distillation task beyond its training images (or collapsed to uniform outputs)"
     )
-    assert trained_knn >= random_knn - KNN_TOLERANCE, (
-        f"the trained teacher's {K}-NN top-1 is {trained_knn:.2f}%, more than {KNN_TOLERANCE} points below "
-        f"the random initialization's {random_knn:.2f}%: the features got worse (or collapsed)"
+    assert trained_knn >= random_knn + KNN_MARGIN, (
+        f"the trained teacher's {K}-NN top-1 is {trained_knn:.2f}%, less than {KNN_MARGIN} points above "
+        f"the random initialization's {random_knn:.2f}%: the demo no longer learns features (measured "
+        "+2.05 and +3.60 points for this seed)"
     )
