@@ -32,7 +32,6 @@ What differs from the official loop, and why:
 from __future__ import annotations
 
 import dataclasses
-import gc
 import logging
 import os
 import random
@@ -500,9 +499,6 @@ def train(
     try:
         result = _train(config, info)
         if on_finish is not None:
-            # Free the training loader now: a DALI pipeline left to the garbage collector could be
-            # collected inside a forked evaluation worker, which has none of its threads to join.
-            gc.collect()
             on_finish(result)
         return result
     finally:

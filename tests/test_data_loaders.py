@@ -7,6 +7,7 @@ import gc
 import logging
 import math
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +98,24 @@ def test_seeded_runs_repeat_and_seeds_epochs_differ(tmp_path: Path, kind: str) -
 def test_torchvision_batches_do_not_depend_on_the_worker_count(tmp_path: Path) -> None:
     root = photo_folder(tmp_path / "photos", per_class=2)
     in_process = next(iter(_loader("torchvision", root, num_workers=0)))
-    # DALI pipelines from earlier tests may still await the garbage collector; collected inside a
-    # forked worker, a pipeline joins threads the child does not have and the worker segfaults.
-    gc.collect()
     two_workers = next(iter(_loader("torchvision", root, num_workers=2)))
     assert torch.equal(in_process.global_crops, two_workers.global_crops)
     assert torch.equal(in_process.local_crops, two_workers.local_crops)
+
+
+def test_a_dropped_dali_loader_frees_its_pipeline_without_the_garbage_collector(tmp_path: Path) -> None:
+    # Left to the collector, a pipeline may be collected inside a forked DataLoader worker, where
+    # its destructor joins threads the child does not have: the worker segfaults.
+    root = photo_folder(tmp_path / "photos", per_class=2)
+    loader = _loader("dali", root)
+    next(iter(loader))
+    pipeline = weakref.ref(loader._pipe)
+    gc.disable()
+    try:
+        del loader
+        assert pipeline() is None
+    finally:
+        gc.enable()
 
 
 def test_epoch_indices_are_distributed_samplers() -> None:

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -237,9 +238,20 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         out_type = types.FLOAT16 if self.dtype in (torch.float16, torch.bfloat16) else types.FLOAT
         mean = [255.0 * m for m in aug.mean]
         std = [255.0 * s for s in aug.std]
+        # The pipeline reaches its loader through a weak reference: a bound method would make a
+        # cycle that only the garbage collector frees, and a collection inside a forked DataLoader
+        # worker runs the pipeline's destructor without its threads (a segfault).
+        loader = weakref.ref(self)
+
+        def source() -> tuple:
+            owner = loader()
+            if owner is None:
+                raise StopIteration
+            return owner._source()
+
         with pipe:
             inputs = fn.external_source(
-                source=self._source, num_outputs=self._num_inputs(), batch=True, dtype=dtypes, ndim=ndims
+                source=source, num_outputs=self._num_inputs(), batch=True, dtype=dtypes, ndim=ndims
             )
             encoded = fn.io.file.read(inputs[0])
             decoder_args = {"hw_decoder_load": self.hw_decoder_load} if on_gpu else {}
