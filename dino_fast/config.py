@@ -125,7 +125,8 @@ class TrainConfig:
         """The preset's config with ``overrides`` applied (field names as keyword arguments)."""
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-        values = dict(_preset_values(name, on_gpu=_runs_on_gpu(overrides.get("device", "auto"))))
+        on_gpu = resolve_device(overrides.get("device", "auto")).type == "cuda"
+        values = dict(_preset_values(name, on_gpu=on_gpu))
         unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ConfigError(f"unknown config field(s) {unknown}; see `python -m dino_fast.train --help`")
@@ -167,9 +168,7 @@ class TrainConfig:
         return "dali" if on_gpu and importlib.util.find_spec("nvidia.dali") is not None else "torchvision"
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain types only, so a checkpoint holding it loads with ``torch.load(weights_only=True)``."""
@@ -271,10 +270,7 @@ class TrainConfig:
                     "(one sub-folder per class holding JPEG/PNG files, e.g. imagenet/train), or use "
                     "--data synthetic to measure speed without images, or --preset demo for Fashion-MNIST"
                 )
-        try:
-            self.resolved_device()
-        except RuntimeError as exc:
-            raise ConfigError(f"--device {self.device!r} is not a torch device: {exc}") from exc
+        self.resolved_device()
 
 
 def _positive(name: str, value: int, hint: str = "") -> None:
@@ -283,8 +279,14 @@ def _positive(name: str, value: int, hint: str = "") -> None:
         raise ConfigError(f"--{name} must be >= 1 (got {value}){extra}")
 
 
-def _runs_on_gpu(device: str) -> bool:
-    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a torch.device, ``auto`` meaning CUDA when a GPU is present, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"--device {device!r} is not a torch device: {exc}") from exc
 
 
 def _preset_values(name: str, *, on_gpu: bool) -> dict[str, Any]:
@@ -685,7 +687,12 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     pre.add_argument("--preset", choices=PRESETS, default=None)
     pre.add_argument("--device", default="auto")  # a preset's CPU and GPU schedules differ
     known, _ = pre.parse_known_args(argv)
-    defaults = TrainConfig.from_preset(known.preset, device=known.device) if known.preset else TrainConfig()
+    defaults = TrainConfig()
+    if known.preset:
+        try:
+            defaults = TrainConfig.from_preset(known.preset, device=known.device)
+        except ConfigError as exc:
+            build_parser().error(str(exc))
     parser = build_parser(defaults)
     ns = parser.parse_args(argv)
     values = vars(ns)

@@ -119,6 +119,7 @@ def test_bool_flag():
         (["--data", "synthetic", "--global_crops_size", "8"], "smaller than --patch_size"),
         (["--data", "synthetic", "--max_steps", "0"], "--max_steps must be >= 1"),
         (["--data", "synthetic", "--center_momentum", "1.5"], "--center_momentum must be in [0, 1]"),
+        (["--data", "synthetic", "--device", "gpu0"], "--device 'gpu0' is not a torch device"),
     ],
 )
 def test_bad_arguments_give_clear_errors(argv, message, capsys):
