@@ -28,6 +28,23 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pth"
 
 
+class CheckpointWriteError(OSError):
+    """Writing a checkpoint (or another atomically saved file) failed; the file it would have
+    replaced is untouched."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**30:.1f} GiB free"
+        except OSError:
+            free = "free space unknown"
+        kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
+        super().__init__(
+            f"could not write {path}: {cause} ({free} on its filesystem; {kept}). "
+            "Free some space, or write to a directory on a larger disk."
+        )
+        self.path = path
+
+
 def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp.{os.getpid()}")
 
@@ -57,8 +74,11 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        # torch.save reports a failed write (a full disk, say) as a RuntimeError of its zip writer.
+        if isinstance(err, (OSError, RuntimeError)):
+            raise CheckpointWriteError(path, err) from err
         raise
     _fsync_dir(path.parent)
     return path
@@ -71,8 +91,10 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     try:
         shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise CheckpointWriteError(dst, err) from err
         raise
     _fsync_dir(dst.parent)
     return dst

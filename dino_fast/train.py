@@ -49,6 +49,7 @@ from torch import nn
 from dino_fast import attention, distributed
 from dino_fast.checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointWriteError,
     atomic_copy,
     atomic_save,
     capture_rng_state,
@@ -804,6 +805,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, distributed.DistributedSetupError, FileNotFoundError) as exc:
         logger.error("%s", exc)
         return 2
+    except CheckpointWriteError as exc:
+        logger.error("%s Then run the same command again: it resumes from the last checkpoint written.", exc)
+        return 1
     if rank == 0:
         _print_final_summary(result)
     return 0

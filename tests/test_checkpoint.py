@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 
 from dino_fast import checkpoint as ckpt_mod
 from dino_fast.checkpoint import (
+    CheckpointWriteError,
     atomic_copy,
     atomic_save,
     capture_rng_state,
@@ -54,6 +56,45 @@ def test_crash_during_write_keeps_previous_checkpoint(tmp_path, monkeypatch, whe
     monkeypatch.undo()
     loaded = load_checkpoint(path)
     assert loaded["epoch"] == 1 and torch.equal(loaded["teacher"]["w"], torch.ones(3, 5))
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_full_disk_is_a_clear_error_and_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    atomic_save(_state(1.0), path)
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        # what torch.save raises when the disk fills up halfway through the zip
+        f.write(b"PK\x03\x04 partial zip")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk_save)
+    with pytest.raises(CheckpointWriteError) as exc:
+        atomic_save(_state(2.0), path)
+    message = str(exc.value)
+    assert str(path) in message and "file write failed" in message and "GiB free" in message
+    assert "previous checkpoint.pth is intact" in message and "larger disk" in message
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+    # a first save that fails says so instead of claiming a previous file
+    monkeypatch.setattr(ckpt_mod.torch, "save", full_disk_save)
+    with pytest.raises(CheckpointWriteError, match=r"no fresh\.pth was written"):
+        atomic_save(_state(2.0), tmp_path / "fresh.pth")
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]
+
+
+def test_failed_epoch_copy_is_a_clear_error(tmp_path, monkeypatch):
+    src = atomic_save(_state(3.0), tmp_path / "checkpoint.pth")
+
+    def full_disk_copy(a, b):
+        Path(b).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod.shutil, "copyfile", full_disk_copy)
+    with pytest.raises(CheckpointWriteError, match=r"checkpoint0003\.pth.*No space left on device"):
+        atomic_copy(src, tmp_path / "checkpoint0003.pth")
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
 

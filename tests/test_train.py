@@ -294,6 +294,22 @@ def test_nonfinite_loss_caught_at_log_interval(tmp_path, monkeypatch):
     assert not (Path(cfg.output_dir) / "checkpoint.pth").exists()
 
 
+def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, caplog):
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
+    assert train_mod.main([*argv, "--max_steps", "2"]) == 0
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr("dino_fast.checkpoint.torch.save", full_disk_save)
+    assert train_mod.main([*argv, "--max_steps", "4"]) == 1
+    assert "previous checkpoint.pth is intact" in caplog.text
+    assert "resumes from the last checkpoint" in caplog.text
+    assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 2
+    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no temporary left behind
+
+
 def test_too_few_images_for_one_step_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="fewer than batch_size"):
         train(smoke(tmp_path, synthetic_size=3))  # 3 images, 4 per step
