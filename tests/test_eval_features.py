@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import shutil
 from pathlib import Path
@@ -159,6 +160,7 @@ def test_dump_and_load_features_round_trip_and_detect_staleness(folder, vit, tmp
 
 
 def _two_rank_worker(rank: int, world: int, init_file: str, root: str, out: str) -> None:
+    faulthandler.enable(all_threads=True)  # a crash in a worker prints where, not just its signal
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
