@@ -12,11 +12,13 @@ the official scripts get when they call ``torch.load`` on a current torch) accep
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import random
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,6 @@ class CheckpointWriteError(OSError):
         self.path = path
 
 
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
-
-
 def _fsync_dir(directory: Path) -> None:
     # The rename is durable only once the directory entry is; not every OS lets a directory be opened.
     try:
@@ -63,40 +61,42 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
-    """``torch.save(obj, path)`` such that ``path`` is always either the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
+@contextlib.contextmanager
+def _replaced_atomically(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; on success it is renamed over ``path``.
+
+    On any failure the temporary file is removed and ``path`` is untouched; a failed write (an
+    ``OSError``, or the ``RuntimeError`` torch.save's zip writer raises for one, on a full disk
+    say) becomes a :class:`CheckpointWriteError` that says so.
+    """
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        # torch.save reports a failed write (a full disk, say) as a RuntimeError of its zip writer.
         if isinstance(err, (OSError, RuntimeError)):
             raise CheckpointWriteError(path, err) from err
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike[str]) -> Path:
+    """``torch.save(obj, path)`` such that ``path`` is always either the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _replaced_atomically(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     return path
 
 
 def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     """Copy a finished checkpoint (e.g. to ``checkpoint0020.pth``) with the same guarantee."""
     dst = Path(dst)
-    tmp = _tmp_path(dst)
-    try:
+    with _replaced_atomically(dst) as tmp:
         shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise CheckpointWriteError(dst, err) from err
-        raise
-    _fsync_dir(dst.parent)
     return dst
 
 
