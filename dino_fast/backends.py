@@ -15,13 +15,12 @@ that choice for every op; forcing a backend that cannot run raises
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
 
 import torch
 
 from dino_fast import _native
+from dino_fast.kernels import runtime
 
 BACKENDS = ("triton", "native", "torch")
 ENV_VAR = "DINO_FAST_BACKEND"
@@ -31,22 +30,10 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why and the fix."""
 
 
-@functools.cache
-def _triton_import_reason() -> str | None:
-    if importlib.util.find_spec("triton") is None:
-        return "triton is not installed; `pip install triton` (Linux x86_64/aarch64)"
-    return None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def triton_unavailable_reason(device_type: str) -> str | None:
-    reason = _triton_import_reason()
-    if reason is not None:
-        return reason
-    if device_type == "cuda" or _interpreting():
+    if not runtime.triton_installed():
+        return "triton is not installed; `pip install triton` (Linux x86_64/aarch64)"
+    if device_type == "cuda" or runtime.interpreting():
         return None
     return (
         f"triton kernels need a CUDA device, and {device_type} tensors run them only under the Triton "

@@ -18,12 +18,11 @@ rounded once to the output dtype.
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import sm_count
 
 # Math, per row (D features), xhat = (x_out - mean) * rstd, rstd = 1 / sqrt(var + eps):
 #   h = xhat * w + b
@@ -36,15 +35,6 @@ import triton.language as tl
 # a (programs, D) sum finishes them.
 
 _MAX_D = 8192  # one row per register tile; ViT-L is 1024
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _tiles(d: int) -> tuple[int, int, int]:
@@ -180,8 +170,7 @@ def _backward(x_out, dh, dres, scale, weight, mean, rstd, x_dtype, y_dtype):
     dx = torch.empty(rows, d, device=x_out.device, dtype=x_dtype)
     dy = torch.empty(rows, d, device=x_out.device, dtype=y_dtype) if y_dtype is not None else None
     block_d, block_r, num_warps = _tiles(d)
-    sms = 1 if x_out.device.type != "cuda" or _interpreting() else _sm_count(x_out.device.index or 0)
-    programs = max(1, min(triton.cdiv(rows, block_r), 4 * sms))
+    programs = max(1, min(triton.cdiv(rows, block_r), 4 * sm_count(x_out.device)))
     dw_part = torch.empty(programs, d, device=x_out.device, dtype=torch.float32)
     db_part = torch.empty(programs, d, device=x_out.device, dtype=torch.float32)
     _add_ln_bwd_kernel[(programs,)](

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .runtime import interpreting, sm_count
 
 # Math, per sample (b dropped). Teacher view t < G, student view v < V, column k < K.
 #   a_tk = (t_k - c_k) / tau_t      q_tk = exp(a_tk - A_t)     A_t = logsumexp_k a_tk
@@ -63,22 +64,13 @@ _MAX_BLOCK_K_INTERPRETED = 4096
 _PROGRAMS_PER_SM = 16
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _acc_dtypes(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
 def _block_k(K: int, block_k: int | None) -> int:
     if block_k is None:
-        return min(_MAX_BLOCK_K_INTERPRETED if _interpreting() else _MAX_BLOCK_K, triton.next_power_of_2(K))
+        return min(_MAX_BLOCK_K_INTERPRETED if interpreting() else _MAX_BLOCK_K, triton.next_power_of_2(K))
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     return block_k
@@ -96,8 +88,7 @@ def _samples_per_program(batch: int, n_chunks: int, device: torch.device, reques
         if requested < 1:
             raise ValueError(f"samples_per_program must be >= 1, got {requested}")
         return requested
-    sms = 1 if device.type != "cuda" or _interpreting() else _sm_count(device.index or 0)
-    n_groups = min(batch, max(1, triton.cdiv(_PROGRAMS_PER_SM * sms, n_chunks)))
+    n_groups = min(batch, max(1, triton.cdiv(_PROGRAMS_PER_SM * sm_count(device), n_chunks)))
     return triton.cdiv(batch, n_groups)
 
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,12 +42,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .runtime import interpreting
+
 BLOCK_SIZE = 4096  # elements per program: 16 per thread at 8 warps, i.e. 4 x 16-byte fp32 accesses per stream
 NUM_WARPS = 8
 ALIGN_BYTES = 16  # widest vector access; pairs whose addresses are not multiples of it get unhinted loads
 PLAN_CACHE_SIZE = 64
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_INTERPRET = interpreting()  # fixed at import, like the kernels Triton decorated then
 _TL_DTYPES = {
     torch.float32: tl.float32,
     torch.float64: tl.float64,

@@ -23,12 +23,10 @@ one ``torch.rand`` call, so on CPU a seeded run reproduces the official loop's s
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-import os
-
 import torch
 from torch import Tensor, nn
+
+from dino_fast.kernels import runtime
 
 Groups = tuple[tuple[int, int], ...]
 """A packed token layout: ((num_sequences, tokens_per_sequence), ...) per resolution group."""
@@ -67,11 +65,6 @@ def residual_add(x: Tensor, y: Tensor, scale: Tensor | None) -> Tensor:
     return x + y if scale is None else torch.addcmul(x, y, scale.unsqueeze(-1))
 
 
-@functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def _fusable(x: Tensor, norm: nn.Module, fused: bool | None) -> bool:
     if fused is False or torch.compiler.is_compiling():
         return False
@@ -84,12 +77,12 @@ def _fusable(x: Tensor, norm: nn.Module, fused: bool | None) -> bool:
         and x.shape[-1] <= 8192
     )
     if fused is None:
-        return layer_norm_ok and x.is_cuda and _triton_importable()
+        return layer_norm_ok and x.is_cuda and runtime.triton_installed()
     if not layer_norm_ok:
         raise ValueError(
             f"fused_norm=True needs nn.LayerNorm with weight and bias over (T, D) tokens, got {norm}"
         )
-    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or not _triton_importable():
+    if not (x.is_cuda or runtime.interpreting()) or not runtime.triton_installed():
         raise RuntimeError(
             "fused_norm=True needs triton and a CUDA device (or TRITON_INTERPRET=1 set before importing "
             "dino_fast on a CPU); use fused_norm=None to fuse only where it can run"
