@@ -21,7 +21,7 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CUDA_ARCHS = "8.0;9.0"
-MANIFEST = "_C_build.json"  # read by dino_fast/_native.py before it loads the module
+MANIFEST = "_C_build.json"  # read by dino_fast/ops/native.py before it loads the module
 
 
 def env_flag(name: str) -> bool:
@@ -128,6 +128,7 @@ ext_modules = [] if env_flag("DINO_FAST_NO_EXT") else [CMakeExtension("dino_fast
 setup(
     packages=[
         "dino_fast",
+        "dino_fast.ops",
         "dino_fast.models",
         "dino_fast.data",
         "dino_fast.eval",

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from timing import measure
 from torch import Tensor
 
-from dino_fast.backends import available_backends
-from dino_fast.loss import dino_loss_with_stats
+from dino_fast.ops.backends import available_backends
+from dino_fast.ops.loss import dino_loss_with_stats
 
 logger = logging.getLogger(__name__)
 

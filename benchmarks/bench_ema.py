@@ -28,8 +28,8 @@ import torch
 from timing import measure
 from torch import Tensor, nn
 
-from dino_fast.backends import available_backends
-from dino_fast.ema import TeacherEMA, ema_update_
+from dino_fast.ops.backends import available_backends
+from dino_fast.ops.ema import TeacherEMA, ema_update_
 
 MOMENTUM = 0.996  # the start of DINO's cosine momentum schedule
 

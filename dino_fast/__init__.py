@@ -19,10 +19,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY_ATTRIBUTES = {
-    "DINOLoss": "dino_fast.loss",
-    "TeacherEMA": "dino_fast.ema",
+    "DINOLoss": "dino_fast.ops.loss",
+    "TeacherEMA": "dino_fast.ops.ema",
 }
-_LAZY_MODULES = {"ops", "models", "data", "reference", "backends", "eval"}
+_LAZY_MODULES = {"ops", "models", "data", "eval"}
 
 __all__ = ["DINOLoss", "TeacherEMA", "__version__", *sorted(_LAZY_MODULES)]
 

@@ -186,8 +186,8 @@ class Trainer:
         rank: int = 0,
         steps_per_epoch: int,
     ) -> None:
-        from dino_fast.ema import TeacherEMA
-        from dino_fast.loss import DINOLoss
+        from dino_fast.ops.ema import TeacherEMA
+        from dino_fast.ops.loss import DINOLoss
 
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1 (got {steps_per_epoch})")
@@ -431,8 +431,8 @@ def _gpu_mem_gib(device: torch.device) -> float | None:
 
 def _kernel_choices(config: TrainConfig, trainer: Trainer) -> str:
     """Which implementation runs each fused part, as dino_fast.backends resolves it for this device."""
-    from dino_fast import loss as loss_mod
-    from dino_fast.backends import available_backends, select_backend
+    from dino_fast.ops import loss as loss_mod
+    from dino_fast.ops.backends import available_backends, select_backend
 
     loss_backend = select_backend(
         config.backend, trainer.device, op="dino_loss", native_op=loss_mod.NATIVE_FORWARD_OP

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dino_fast import _native, backends
+from dino_fast.ops import backends, native
 
 CPU = torch.device("cpu")
 
@@ -53,7 +53,7 @@ def test_environment_variable_overrides_the_default(monkeypatch: pytest.MonkeyPa
 
 
 def test_forcing_an_unavailable_backend_says_why_and_how(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_native, "load", lambda: (None, "dino_fast._C is not built; rebuild it with pip"))
+    monkeypatch.setattr(native, "load", lambda: (None, "dino_fast._C is not built; rebuild it with pip"))
     with pytest.raises(backends.BackendUnavailableError, match=r"dino_loss: backend 'native'.*rebuild it"):
         backends.select_backend("native", CPU, op="dino_loss", native_op="x")
     monkeypatch.setenv(backends.ENV_VAR, "native")
@@ -67,7 +67,7 @@ def test_unknown_backend_name_lists_the_choices() -> None:
 
 
 def test_native_without_a_kernel_for_the_op_is_unavailable() -> None:
-    if _native.load()[0] is None:
+    if native.load()[0] is None:
         pytest.skip("native extension not built in this environment")
     reason = backends.unavailable_reason("native", "cpu", native_op="no_such_op")
     assert reason is not None and "no_such_op" in reason
@@ -78,21 +78,21 @@ def test_extension_built_for_another_torch_is_refused_with_one_warning(
 ) -> None:
     manifest = tmp_path / "_C_build.json"
     manifest.write_text(json.dumps({"torch_version": "1.0.0+old", "cuda": False}))
-    monkeypatch.setattr(_native, "_MANIFEST", manifest)
+    monkeypatch.setattr(native, "_MANIFEST", manifest)
     with pytest.warns(RuntimeWarning, match=r"built against torch 1\.0\.0\+old"):
-        module, reason = _native.load.__wrapped__()
+        module, reason = native.load.__wrapped__()
     assert module is None
     assert "1.0.0+old" in reason and torch.__version__ in reason and "pip install" in reason
 
 
 def test_missing_extension_is_reported_not_raised(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_native, "_MANIFEST", tmp_path / "absent.json")
-    module, reason = _native.load.__wrapped__()
+    monkeypatch.setattr(native, "_MANIFEST", tmp_path / "absent.json")
+    module, reason = native.load.__wrapped__()
     assert module is None and "DINO_FAST_NO_EXT=1" in reason
 
 
 def test_build_info_describes_the_build() -> None:
-    module, reason = _native.load()
+    module, reason = native.load()
     if module is None:
         pytest.skip(f"native extension unavailable: {reason}")
     info = module.build_info()

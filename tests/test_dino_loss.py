@@ -1,5 +1,5 @@
-"""The fused DINO loss (dino_fast.loss, kernels/dino_loss.py, csrc/dino_loss.cpp) against the fp64
-spec in dino_fast.reference and the official formulas.
+"""The fused DINO loss (dino_fast.ops.loss, kernels/dino_loss.py, csrc/dino_loss.cpp) against the fp64
+spec in dino_fast.ops.reference and the official formulas.
 
 Every backend runs here: ``torch`` and ``native`` on the CPU, ``triton`` on CUDA when there is a GPU
 and otherwise on the CPU under the Triton interpreter (tests/conftest.py). The interpreter executes
@@ -27,15 +27,15 @@ import torch.multiprocessing as mp
 from official_formulas import official_center_update, official_dino_loss
 from torch import nn
 
-from dino_fast import _native, backends, reference
-from dino_fast import loss as dino_loss_module
-from dino_fast.backends import BackendUnavailableError
-from dino_fast.loss import DINOLoss, dino_loss, dino_loss_with_stats
+from dino_fast.ops import backends, native, reference
+from dino_fast.ops import loss as dino_loss_module
+from dino_fast.ops.backends import BackendUnavailableError
+from dino_fast.ops.loss import DINOLoss, dino_loss, dino_loss_with_stats
 
 BACKENDS = ["torch", "native", "triton"]
 # Loading dino_fast._C registers torch.ops.dino_fast_native.*, which some tests call directly. A
 # missing or broken extension fails those tests (and the native backend's) with this reason.
-NATIVE_MODULE, NATIVE_REASON = _native.load()
+NATIVE_MODULE, NATIVE_REASON = native.load()
 # Triton runs compiled on a GPU; under the interpreter (no GPU, or TRITON_INTERPRET=1 on a GPU
 # machine, as benchmarks/gpu_check.sh runs the CPU suite) its tensors stay on the CPU.
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

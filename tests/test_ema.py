@@ -1,5 +1,5 @@
-"""Fused teacher EMA (dino_fast/ema.py, kernels/ema.py, csrc/ema.cpp, csrc/ema_cuda.cu) against the
-formula evaluated in float64 and against dino_fast.reference.
+"""Fused teacher EMA (dino_fast/ops/ema.py, kernels/ema.py, csrc/ema.cpp, csrc/ema_cuda.cu) against the
+formula evaluated in float64 and against dino_fast.ops.reference.
 
 Every backend runs on CPU here (triton under the interpreter, which conftest switches on); the
 `gpu` tests at the end check the Triton and CUDA kernels on a device.
@@ -18,10 +18,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import dino_fast
-from dino_fast import _native, reference
-from dino_fast import ema as ema_module
-from dino_fast.ema import TeacherEMA, ema_update_
 from dino_fast.kernels import ema as triton_ema
+from dino_fast.ops import ema as ema_module
+from dino_fast.ops import native, reference
+from dino_fast.ops.ema import TeacherEMA, ema_update_
 
 BACKENDS = ["torch", "native", "triton"]
 # One element, less than one 16-byte vector, just under a power of two, one past a multiple of
@@ -305,7 +305,7 @@ def test_backend_forced_by_argument_and_environment(monkeypatch, backend) -> Non
 @pytest.fixture
 def native_op():
     """torch.ops.dino_fast_native.ema_update_, registered once dino_fast._C is loaded."""
-    module, reason = _native.load()
+    module, reason = native.load()
     assert module is not None, reason
     return torch.ops.dino_fast_native.ema_update_
 

@@ -1,4 +1,4 @@
-"""dino_fast.reference (the spec every backend is tested against) vs the official formulas."""
+"""dino_fast.ops.reference (the spec every backend is tested against) vs the official formulas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from official_formulas import official_center_update, official_dino_loss, official_ema
 
-from dino_fast import reference
+from dino_fast.ops import reference
 
 
 def random_outputs(batch: int, ncrops: int, dim: int, n_global: int = 2, scale: float = 3.0):

@@ -4,8 +4,9 @@ Every fused op has all three behind one contract (see ../shared/DESIGN.md, "Back
 
 - ``triton``: dino_fast.kernels, on CUDA; on CPU only under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before the kernel modules are imported).
-- ``native``: the C++/CUDA extension dino_fast._C, where it has a kernel for the device.
-- ``torch``: dino_fast.reference, always available.
+- ``native``: the C++/CUDA extension dino_fast._C (loaded by dino_fast.ops.native), where it has a
+  kernel for the device.
+- ``torch``: dino_fast.ops.reference, always available.
 
 ``backend=None`` picks the fastest available for the tensors' device (CUDA: triton, else
 torch; CPU: native, else torch). The ``DINO_FAST_BACKEND`` environment variable overrides
@@ -19,8 +20,8 @@ import os
 
 import torch
 
-from dino_fast import _native
 from dino_fast.kernels import runtime
+from dino_fast.ops import native
 
 BACKENDS = ("triton", "native", "torch")
 ENV_VAR = "DINO_FAST_BACKEND"
@@ -42,7 +43,7 @@ def triton_unavailable_reason(device_type: str) -> str | None:
 
 
 def native_unavailable_reason(device_type: str, native_op: str | None = None) -> str | None:
-    module, reason = _native.load()
+    module, reason = native.load()
     if module is None:
         return reason
     if device_type == "cuda" and not module.build_info()["cuda"]:
@@ -50,7 +51,7 @@ def native_unavailable_reason(device_type: str, native_op: str | None = None) ->
             "dino_fast._C was built without CUDA (torch without CUDA, nvcc not found, or "
             "DINO_FAST_NO_CUDA=1); put nvcc on PATH and run `pip install --no-build-isolation -e .`"
         )
-    if native_op is not None and not _native.has_kernel(native_op, device_type):
+    if native_op is not None and not native.has_kernel(native_op, device_type):
         return f"dino_fast._C has no {device_type} kernel for {native_op}; use backend='triton' or 'torch'"
     return None
 

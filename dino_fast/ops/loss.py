@@ -1,9 +1,9 @@
 """The fused DINO loss: the ``dino_fast::dino_loss`` torch op and ``DINOLoss``, a drop-in for the
 official module.
 
-One op, three backends behind it (dino_fast.backends): ``triton`` (dino_fast.kernels.dino_loss),
+One op, three backends behind it (dino_fast.ops.backends): ``triton`` (dino_fast.kernels.dino_loss),
 ``native`` (csrc/dino_loss.cpp, ``torch.ops.dino_fast_native.dino_loss_fwd/bwd``) and ``torch``
-(dino_fast.reference). Every backend's forward returns the same four tensors,
+(dino_fast.ops.reference). Every backend's forward returns the same four tensors,
 
     (loss, student_stats (ncrops*B, 2), teacher_stats (n_global*B, 2), teacher column sum (K,)),
 
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dino_fast import reference
-from dino_fast.backends import select_backend
+from dino_fast.ops import reference
+from dino_fast.ops.backends import select_backend
 
 __all__ = ["DINOLoss", "dino_loss", "dino_loss_with_stats", "validate_inputs"]
 

@@ -19,7 +19,7 @@ from types import ModuleType
 import torch
 
 REBUILD_HINT = "rebuild it with `pip install --no-build-isolation -e .` in this environment"
-_MANIFEST = Path(__file__).with_name("_C_build.json")
+_MANIFEST = Path(__file__).parents[1] / "_C_build.json"  # written by setup.py beside dino_fast._C
 
 
 @functools.cache

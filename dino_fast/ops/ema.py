@@ -11,13 +11,13 @@ Two entry points:
 ``momentum`` is a Python float or a one-element floating tensor. A tensor on the parameters' device
 is read by the kernels on the device: no host sync, and a captured CUDA graph picks up new values.
 The update runs in fp32 (fp64 for fp64 teachers) and rounds once to the teacher's dtype, exactly
-like ``dino_fast.reference.ema_update_``; teacher and student dtypes may differ (e.g. a bf16 teacher
+like ``dino_fast.ops.reference.ema_update_``; teacher and student dtypes may differ (e.g. a bf16 teacher
 of an fp32 student).
 
-Backends (``dino_fast.backends``): "triton" (one launch per dtype group, block table built once per
+Backends (``dino_fast.ops.backends``): "triton" (one launch per dtype group, block table built once per
 list), "native" (dino_fast._C: one OpenMP region on CPU; apex-style multi-tensor launches on CUDA)
 and "torch" (``torch._foreach_lerp_`` where teacher and student share a dtype and the momentum is a
-host value, ``dino_fast.reference.ema_update_`` otherwise). Non-contiguous pairs, which the fused
+host value, ``dino_fast.ops.reference.ema_update_`` otherwise). Non-contiguous pairs, which the fused
 kernels cannot stream, always go through the reference implementation.
 """
 
@@ -30,8 +30,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dino_fast import reference
-from dino_fast.backends import select_backend
+from dino_fast.ops import reference
+from dino_fast.ops.backends import select_backend
 
 __all__ = ["NATIVE_OP", "TeacherEMA", "ema_update_"]
 
