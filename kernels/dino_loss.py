@@ -1,11 +1,12 @@
 """Fused DINO loss in Triton: centering + sharpening + multi-crop cross-entropy, forward and backward.
 
 Standalone (imports only torch and triton):
-``dino_loss(student, teacher, center, ncrops=..., teacher_temp=...)`` is differentiable in
-``student``; ``dino_loss_forward`` / ``dino_loss_backward`` are the launchers that dino_fast wraps
-in its torch.library op. Layout is the official crop-major one: ``student`` is ``(ncrops * B, K)``
-with rows ``[view 0 of every sample, view 1 of every sample, ...]`` and ``teacher`` is
-``(n_global * B, K)``; teacher view t and student view t are the same crop and are never paired.
+``dino_loss_and_column_sum(student, teacher, center, ncrops=..., teacher_temp=...)`` is
+differentiable in ``student``; ``dino_loss_forward`` / ``dino_loss_backward`` are the launchers
+that dino_fast wraps in its torch.library op. Layout is the official crop-major one: ``student``
+is ``(ncrops * B, K)`` with rows ``[view 0 of every sample, view 1 of every sample, ...]`` and
+``teacher`` is ``(n_global * B, K)``; teacher view t and student view t are the same crop and are
+never paired.
 
 Inputs may be fp32, bf16, fp16 (accumulated in fp32) or fp64 (accumulated in fp64, for validation).
 Temperatures reach the kernels as fp32 scalars, so fp64 results are exact only for temperatures whose
@@ -518,7 +519,7 @@ class DINOLossFunction(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
-def dino_loss(
+def dino_loss_and_column_sum(
     student: torch.Tensor,
     teacher: torch.Tensor,
     center: torch.Tensor,

@@ -62,10 +62,11 @@ _TL_DTYPES = {
 #
 #     t' = round_T( C(t) * C(m) + C(s) * w ),   w = C(1 - m)
 #
-# which is dino_fast.ops.reference.ema_update_ term for term: the same compute dtype, and w evaluated as
-# the reference evaluates it (1 - m in double for a Python-float m, rounded to C; 1 - C(m) in C for a
-# tensor m). It is written t*m + s*w rather than as the lerp t + w*(s - t) so that m = 1 keeps t and
-# m = 0 copies round_T(s) bit-exactly for finite inputs, whether or not the compiler fuses an FMA.
+# which is dino_fast.ops.reference.reference_ema_update_ term for term: the same compute dtype, and
+# w evaluated as the reference evaluates it (1 - m in double for a Python-float m, rounded to C;
+# 1 - C(m) in C for a tensor m). It is written t*m + s*w rather than as the lerp t + w*(s - t) so
+# that m = 1 keeps t and m = 0 copies round_T(s) bit-exactly for finite inputs, whether or not the
+# compiler fuses an FMA.
 # Traffic per element is one read of t, one of s and one write of t, so both kernels are pure
 # streams: the flat kernel is bound by (2|T| + |S|) bytes per element, and the multi-tensor kernel
 # adds only a 24-byte table row per BLOCK elements.

@@ -66,8 +66,8 @@ def expected(student, teacher, center, **kwargs):
     s, t, c = student.double().cpu(), teacher.double().cpu(), center.double().cpu()
     student_logits, teacher_logits = s / kwargs["student_temp"], (t - c) / kwargs["teacher_temp"]
     return {
-        "loss": reference.dino_loss(s, t, c, **kwargs),
-        "grad": reference.dino_loss_grad(s, t, c, **kwargs),
+        "loss": reference.reference_dino_loss(s, t, c, **kwargs),
+        "grad": reference.reference_dino_loss_grad(s, t, c, **kwargs),
         "student_max": student_logits.amax(dim=-1),
         "student_lse": torch.logsumexp(student_logits, dim=-1),
         "teacher_max": teacher_logits.amax(dim=-1),
@@ -219,7 +219,7 @@ def test_triton_autograd_function_standalone():
     student, teacher, center = make_inputs(3, 4, 333)
     kwargs = dict(ncrops=4, n_global=2, teacher_temp=0.04, student_temp=0.1)
     s = student.to(TRITON_DEVICE).requires_grad_(True)
-    loss, colsum = triton_dino_loss.dino_loss(
+    loss, colsum = triton_dino_loss.dino_loss_and_column_sum(
         s, teacher.to(TRITON_DEVICE), center.to(TRITON_DEVICE), **kwargs
     )
     (2.5 * loss).backward()
@@ -687,7 +687,7 @@ def test_dino_loss_module_keeps_the_center_its_backward_needs():
     center_before = module.center.clone()
     s = student.float().requires_grad_(True)
     module(s, teacher.float(), 0).backward()
-    want = reference.dino_loss_grad(
+    want = reference.reference_dino_loss_grad(
         s.detach().double(), teacher, center_before.double(), ncrops=3, teacher_temp=0.04
     )
     torch.testing.assert_close(s.grad.double(), want, rtol=1e-4, atol=1e-9)
@@ -755,7 +755,8 @@ def test_public_names():
 
     assert dino_fast.ops.dino_loss is dino_loss
     assert dino_fast.DINOLoss is DINOLoss
-    assert torch.ops.dino_fast.dino_loss.default is not None  # registered under the dino_fast namespace
+    # registered under the dino_fast namespace
+    assert torch.ops.dino_fast.dino_loss_with_stats.default is not None
 
 
 def test_center_update_is_deferred_until_the_center_is_used():
@@ -796,8 +797,8 @@ def test_gpu_anchor_shapes_match_reference(batch):
         s, teacher, center, backend="triton", **ANCHOR_KWARGS
     )
     loss.backward()
-    want_loss = reference.dino_loss(student, teacher, center, **ANCHOR_KWARGS)
-    want_grad = reference.dino_loss_grad(student, teacher, center, **ANCHOR_KWARGS)
+    want_loss = reference.reference_dino_loss(student, teacher, center, **ANCHOR_KWARGS)
+    want_grad = reference.reference_dino_loss_grad(student, teacher, center, **ANCHOR_KWARGS)
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=0)
     scale = want_grad.abs().max().item()
     torch.testing.assert_close(s.grad.float(), want_grad, rtol=1.6e-2, atol=1.6e-2 * scale)

@@ -104,7 +104,7 @@ def test_matches_reference_implementation(backend) -> None:
     # Same result as the readable spec, not only the formula: the reference's own fp32 rounding.
     teachers, students = make_pairs(AWKWARD_SIZES, torch.float32, torch.float32, seed=3)
     expected = clones(teachers)
-    reference.ema_update_(expected, students, 0.9)
+    reference.reference_ema_update_(expected, students, 0.9)
     ema_update_(teachers, students, 0.9, backend=backend)
     for actual, want in zip(teachers, expected, strict=True):
         torch.testing.assert_close(actual, want, rtol=2e-7, atol=2e-7)
@@ -142,7 +142,7 @@ def test_tensor_momentum_rounds_like_the_reference(backend, momentum_dtype) -> N
     teachers, students = make_pairs((257,), torch.float32, torch.float32, seed=4)
     m = torch.tensor(0.9963, dtype=momentum_dtype)
     expected = clones(teachers)
-    reference.ema_update_(expected, students, m)
+    reference.reference_ema_update_(expected, students, m)
     ema_update_(teachers, students, m, backend=backend)
     torch.testing.assert_close(teachers[0], expected[0], rtol=2e-7, atol=2e-7)
 

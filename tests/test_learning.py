@@ -81,7 +81,9 @@ def dino_objective(student: DINOModel, teacher: DINOModel, views: torch.Tensor, 
     student.eval()
     teacher.eval()
     return float(
-        reference.dino_loss(student(views), teacher(views), center, ncrops=2, teacher_temp=cfg.teacher_temp)
+        reference.reference_dino_loss(
+            student(views), teacher(views), center, ncrops=2, teacher_temp=cfg.teacher_temp
+        )
     )
 
 

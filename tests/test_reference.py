@@ -29,7 +29,7 @@ def test_loss_matches_official_double_loop(batch: int, ncrops: int, dim: int) ->
     student, teacher, center = random_outputs(batch, ncrops, dim)
     kwargs = dict(ncrops=ncrops, teacher_temp=0.04, student_temp=0.1)
     expected = official_dino_loss(student, teacher, center, **kwargs)
-    actual = reference.dino_loss(student, teacher, center, **kwargs)
+    actual = reference.reference_dino_loss(student, teacher, center, **kwargs)
     torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -38,7 +38,7 @@ def test_loss_other_global_view_counts(n_global: int) -> None:
     student, teacher, center = random_outputs(3, 6, 257, n_global=n_global)
     kwargs = dict(ncrops=6, teacher_temp=0.07, student_temp=0.1, n_global=n_global)
     expected = official_dino_loss(student, teacher, center, **kwargs)
-    torch.testing.assert_close(reference.dino_loss(student, teacher, center, **kwargs), expected)
+    torch.testing.assert_close(reference.reference_dino_loss(student, teacher, center, **kwargs), expected)
 
 
 def test_closed_form_gradient_matches_autograd() -> None:
@@ -46,7 +46,7 @@ def test_closed_form_gradient_matches_autograd() -> None:
     student.requires_grad_(True)
     kwargs = dict(ncrops=5, teacher_temp=0.05, student_temp=0.1)
     official_dino_loss(student, teacher, center, **kwargs).backward()
-    closed_form = reference.dino_loss_grad(student.detach(), teacher, center, **kwargs)
+    closed_form = reference.reference_dino_loss_grad(student.detach(), teacher, center, **kwargs)
     torch.testing.assert_close(closed_form, student.grad, rtol=1e-10, atol=1e-12)
 
 
@@ -55,7 +55,9 @@ def test_gradcheck_on_small_shape() -> None:
     student.requires_grad_(True)
 
     def loss_of(s: torch.Tensor) -> torch.Tensor:
-        return reference.dino_loss(s, teacher, center, ncrops=4, teacher_temp=0.04, student_temp=0.1)
+        return reference.reference_dino_loss(
+            s, teacher, center, ncrops=4, teacher_temp=0.04, student_temp=0.1
+        )
 
     assert torch.autograd.gradcheck(loss_of, (student,))
 
@@ -64,7 +66,7 @@ def test_loss_has_no_teacher_or_center_gradient() -> None:
     student, teacher, center = random_outputs(2, 3, 11)
     for tensor in (student, teacher, center):
         tensor.requires_grad_(True)
-    reference.dino_loss(student, teacher, center, ncrops=3, teacher_temp=0.04).backward()
+    reference.reference_dino_loss(student, teacher, center, ncrops=3, teacher_temp=0.04).backward()
     assert student.grad is not None
     assert teacher.grad is None and center.grad is None
 
@@ -83,7 +85,7 @@ def test_ema_matches_official(momentum: float) -> None:
     student = [torch.randn(n, dtype=torch.float64) for n in sizes]
     expected = [t.clone() for t in teacher]
     official_ema(expected, student, momentum)
-    reference.ema_update_(teacher, student, momentum)
+    reference.reference_ema_update_(teacher, student, momentum)
     for actual, want in zip(teacher, expected, strict=True):
         torch.testing.assert_close(actual, want, rtol=1e-14, atol=1e-14)
 
@@ -92,5 +94,5 @@ def test_ema_with_tensor_momentum_and_bf16_teacher() -> None:
     teacher = [torch.randn(64).bfloat16()]
     student = [torch.randn(64)]
     expected = (teacher[0].float() * 0.9 + student[0] * 0.1).bfloat16()
-    reference.ema_update_(teacher, student, torch.tensor(0.9))
+    reference.reference_ema_update_(teacher, student, torch.tensor(0.9))
     torch.testing.assert_close(teacher[0], expected)

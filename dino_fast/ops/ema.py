@@ -11,14 +11,14 @@ Two entry points:
 ``momentum`` is a Python float or a one-element floating tensor. A tensor on the parameters' device
 is read by the kernels on the device: no host sync, and a captured CUDA graph picks up new values.
 The update runs in fp32 (fp64 for fp64 teachers) and rounds once to the teacher's dtype, exactly
-like ``dino_fast.ops.reference.ema_update_``; teacher and student dtypes may differ (e.g. a bf16 teacher
-of an fp32 student).
+like ``reference_ema_update_`` (dino_fast.ops.reference); teacher and student dtypes may differ
+(e.g. a bf16 teacher of an fp32 student).
 
 Backends (``dino_fast.ops.backends``): "triton" (one launch per dtype group, block table built once per
 list), "native" (dino_fast._C: one OpenMP region on CPU; apex-style multi-tensor launches on CUDA)
 and "torch" (``torch._foreach_lerp_`` where teacher and student share a dtype and the momentum is a
-host value, ``dino_fast.ops.reference.ema_update_`` otherwise). Non-contiguous pairs, which the fused
-kernels cannot stream, always go through the reference implementation.
+host value, ``reference_ema_update_`` otherwise). Non-contiguous pairs, which the fused kernels
+cannot stream, always go through the reference implementation.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from dino_fast.ops import reference
 from dino_fast.ops.backends import select_backend
+from dino_fast.ops.reference import reference_ema_update_
 
 __all__ = ["NATIVE_OP", "TeacherEMA", "ema_update_"]
 
@@ -110,7 +110,7 @@ def _torch_update_(teachers: list[Tensor], students: list[Tensor], momentum: flo
     if isinstance(momentum, Tensor) and momentum.device.type != "cpu":
         # A device momentum must stay on the device (no sync, graph-capturable): lerp's scalar
         # weight would need it on the host, so the reference's tensor arithmetic runs instead.
-        reference.ema_update_(teachers, students, momentum)
+        reference_ema_update_(teachers, students, momentum)
         return
     by_dtype: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
     mixed_t, mixed_s = [], []
@@ -128,7 +128,7 @@ def _torch_update_(teachers: list[Tensor], students: list[Tensor], momentum: flo
         weight = float(1 - momentum.to(compute)) if isinstance(momentum, Tensor) else 1.0 - momentum
         torch._foreach_lerp_(group_t, group_s, weight)
     if mixed_t:
-        reference.ema_update_(mixed_t, mixed_s, momentum)
+        reference_ema_update_(mixed_t, mixed_s, momentum)
 
 
 def _run(
@@ -200,7 +200,7 @@ def ema_update_(
     if fused_t:
         _run(name, fused_t, fused_s, momentum)
     if slow_t:
-        reference.ema_update_(slow_t, slow_s, momentum)
+        reference_ema_update_(slow_t, slow_s, momentum)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -450,7 +450,7 @@ class TeacherEMA:
         if self._fused_t:
             _run(self.backend, self._fused_t, self._fused_s, momentum, triton_plan=self._triton_plan)
         if self._slow_t:
-            reference.ema_update_(self._slow_t, self._slow_s, momentum)
+            reference_ema_update_(self._slow_t, self._slow_s, momentum)
 
     def __repr__(self) -> str:
         return (

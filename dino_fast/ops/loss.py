@@ -1,4 +1,4 @@
-"""The fused DINO loss: the ``dino_fast::dino_loss`` torch op and ``DINOLoss``, a drop-in for the
+"""The fused DINO loss: the ``dino_fast::dino_loss_with_stats`` torch op and ``DINOLoss``, a drop-in for the
 official module.
 
 One op, three backends behind it (dino_fast.ops.backends): ``triton`` (dino_fast.kernels.dino_loss),
@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from dino_fast.ops import reference
 from dino_fast.ops.backends import select_backend
+from dino_fast.ops.reference import center_update, reference_dino_loss, reference_dino_loss_grad
 
 __all__ = ["DINOLoss", "dino_loss", "dino_loss_with_stats", "validate_inputs"]
 
@@ -123,7 +123,7 @@ def _row_statistics(logits: Tensor) -> Tensor:
 
 
 def _forward_torch(student: Tensor, teacher: Tensor, center: Tensor, cfg: _Config):
-    loss = reference.dino_loss(student, teacher, center, **cfg.kwargs())
+    loss = reference_dino_loss(student, teacher, center, **cfg.kwargs())
     acc = _accumulation_dtype(student.dtype)
     student_stats = _row_statistics(student.to(acc) / cfg.student_temp)
     teacher_stats = _row_statistics((teacher.to(acc) - center.to(acc).reshape(1, -1)) / cfg.teacher_temp)
@@ -132,7 +132,7 @@ def _forward_torch(student: Tensor, teacher: Tensor, center: Tensor, cfg: _Confi
 
 def _backward_torch(grad_loss, student, teacher, center, student_stats, teacher_stats, cfg: _Config):
     # The spec's closed form; it needs no saved statistics.
-    grad = reference.dino_loss_grad(student, teacher, center, **cfg.kwargs())
+    grad = reference_dino_loss_grad(student, teacher, center, **cfg.kwargs())
     return (grad * grad_loss.to(grad.dtype)).to(student.dtype)
 
 
@@ -167,8 +167,8 @@ _BACKWARD = {"torch": _backward_torch, "native": _backward_native, "triton": _ba
 # --- the torch ops ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("dino_fast::dino_loss", mutates_args=())
-def _dino_loss_op(
+@torch.library.custom_op("dino_fast::dino_loss_with_stats", mutates_args=())
+def _dino_loss_with_stats_op(
     student_output: Tensor,
     teacher_output: Tensor,
     center: Tensor,
@@ -183,8 +183,8 @@ def _dino_loss_op(
     return _FORWARD[name](student_output, teacher_output, center, cfg)
 
 
-@_dino_loss_op.register_fake
-def _dino_loss_fake(student_output, teacher_output, center, *args):
+@_dino_loss_with_stats_op.register_fake
+def _dino_loss_with_stats_fake(student_output, teacher_output, center, *args):
     acc = _accumulation_dtype(student_output.dtype)
     return (
         student_output.new_empty((), dtype=acc),
@@ -234,7 +234,7 @@ def _backward(ctx, grad_loss, *_unused_grads):
     return grad, None, None, None, None, None, None, None
 
 
-_dino_loss_op.register_autograd(_backward, setup_context=_setup_context)
+_dino_loss_with_stats_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def dino_loss_with_stats(
@@ -259,7 +259,7 @@ def dino_loss_with_stats(
         teacher_temp=teacher_temp,
         student_temp=student_temp,
     )
-    return _dino_loss_op(
+    return _dino_loss_with_stats_op(
         student_output,
         teacher_output,
         center,
@@ -394,7 +394,7 @@ class DINOLoss(nn.Module):
             work.wait()
         center = self._buffers["center"]
         batch_center = column_sum / total_rows
-        self._buffers["center"] = reference.center_update(center, batch_center, self.center_momentum)
+        self._buffers["center"] = center_update(center, batch_center, self.center_momentum)
 
     def __getstate__(self):
         # A pending all-reduce handle cannot be pickled (torch.save(module), copy.deepcopy).

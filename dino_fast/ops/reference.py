@@ -2,7 +2,7 @@
 
 Everything here follows ../shared/DESIGN.md ("The algorithm, precisely") and the official
 DINO code line by line in meaning, with one difference of form: the official loss loops
-over (teacher view, student view) pairs, while ``dino_loss`` computes all pair terms with
+over (teacher view, student view) pairs, while ``reference_dino_loss`` computes all pair terms with
 one einsum and then drops the pairs where a view would be compared with itself.
 
 Tensors are crop-major as in the official code: ``student_output`` is ``(ncrops * B, K)``
@@ -38,7 +38,7 @@ def pair_mask(n_global: int, ncrops: int, device: torch.device | None = None) ->
     return t != v
 
 
-def dino_loss(
+def reference_dino_loss(
     student_output: Tensor,
     teacher_output: Tensor,
     center: Tensor,
@@ -62,7 +62,7 @@ def dino_loss(
     return cross[pair_mask(n_global, ncrops, cross.device)].mean()
 
 
-def dino_loss_grad(
+def reference_dino_loss_grad(
     student_output: Tensor,
     teacher_output: Tensor,
     center: Tensor,
@@ -101,7 +101,7 @@ def center_update(center: Tensor, batch_center: Tensor, momentum: float) -> Tens
 
 
 @torch.no_grad()
-def ema_update_(
+def reference_ema_update_(
     teacher_params: Sequence[Tensor], student_params: Sequence[Tensor], momentum: float | Tensor
 ) -> None:
     """teacher <- m * teacher + (1 - m) * student for every pair, in place, computed in fp32
