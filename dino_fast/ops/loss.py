@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from dino_fast.ops.backends import select_backend
 from dino_fast.ops.reference import center_update, reference_dino_loss, reference_dino_loss_grad
 
-__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_stats", "validate_inputs"]
+__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_stats", "teacher_temp_schedule", "validate_inputs"]
 
 NATIVE_FORWARD_OP = "dino_loss_fwd"
 NATIVE_BACKWARD_OP = "dino_loss_bwd"
@@ -305,6 +305,23 @@ def dino_loss(
 # --- the module ------------------------------------------------------------------------------
 
 
+def teacher_temp_schedule(
+    warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int, nepochs: int
+) -> np.ndarray:
+    """Per-epoch teacher temperature, exactly the official DINOLoss ``teacher_temp_schedule``: a linear
+    warmup, since a high temperature early makes training unstable, then constant."""
+    if not 0 <= warmup_teacher_temp_epochs <= nepochs:
+        raise ValueError(
+            f"warmup_teacher_temp_epochs must be in [0, nepochs={nepochs}] (got {warmup_teacher_temp_epochs})"
+        )
+    return np.concatenate(
+        (
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+        )
+    )
+
+
 class DINOLoss(nn.Module):
     """Drop-in for the official ``DINOLoss``: same constructor, ``forward(student_output,
     teacher_output, epoch)``, ``center`` buffer and state dict, with the fused op inside.
@@ -335,13 +352,8 @@ class DINOLoss(nn.Module):
         self.ncrops = ncrops
         self.backend = backend
         self.register_buffer("center", torch.zeros(1, out_dim))
-        # Linear warmup of the teacher temperature, as in the official code: a high temperature
-        # early makes training unstable.
-        self.teacher_temp_schedule = np.concatenate(
-            (
-                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-            )
+        self.teacher_temp_schedule = teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs
         )
         self._pending_center = None  # (all-reduce work or None, column sum (1, K), total teacher rows)
         self.register_state_dict_pre_hook(lambda module, *args, **kwargs: module.wait_center_update())
