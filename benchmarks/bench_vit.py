@@ -37,8 +37,7 @@ import torch
 from timing import environment, measure, write_json
 from torch import Tensor
 
-from dino_fast import attention
-from dino_fast.models import DINOHead, DINOModel, VisionTransformer, vit_small
+from dino_fast.models import DINOHead, DINOModel, VisionTransformer, attention, vit_small
 
 
 @dataclass(frozen=True)

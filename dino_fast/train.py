@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dino_fast import attention, distributed
+from dino_fast import distributed
 from dino_fast.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointWriteError,
@@ -57,6 +57,7 @@ from dino_fast.checkpoint import (
     restore_rng_state,
 )
 from dino_fast.config import ConfigError, TrainConfig, parse_args
+from dino_fast.models import attention
 from dino_fast.progress import AsyncMetrics, IntervalStats, ProgressReporter, append_json_line
 from dino_fast.schedules import Schedules, build_schedules
 

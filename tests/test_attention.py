@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 
-from dino_fast import attention as A
+from dino_fast.models import attention as A
 
 HAS_CUDA = torch.cuda.is_available()
 

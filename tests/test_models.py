@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from dino_fast import attention as A
 from dino_fast import models
+from dino_fast.models import attention as A
 
 HAS_CUDA = torch.cuda.is_available()
 

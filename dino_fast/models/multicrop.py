@@ -156,7 +156,7 @@ def packed_cls_features(backbone: nn.Module, crops: list[Tensor]) -> Tensor:
     device = x.device
     cu_seqlens = None
     if len(groups) > 1 and device.type == "cuda":
-        from dino_fast.attention import cumulative_lengths
+        from dino_fast.models.attention import cumulative_lengths
 
         cu_seqlens = cumulative_lengths(groups, device)
     blocks = backbone.blocks

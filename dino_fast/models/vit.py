@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_fast.attention import (
+from dino_fast.models.attention import (
     attention,
     attention_with_weights,
     check_backend,

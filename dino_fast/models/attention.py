@@ -187,7 +187,8 @@ def _probe(kind: str, device: torch.device, dtype: torch.dtype) -> str | None:
         return _PROBES[key]
     if torch.compiler.is_compiling():
         return (
-            f"{kind} was not probed before torch.compile traced the model (call dino_fast.attention.prepare)"
+            f"{kind} was not probed before torch.compile traced the model "
+            "(call dino_fast.models.attention.prepare)"
         )
     return _run_probe(kind, device, dtype)
 
