@@ -12,7 +12,7 @@ Pipelines (``kind``):
 - ``"dali"``: NVIDIA DALI decodes on the GPU and augments every view there (``dali.py``); on a
   CPU device it runs DALI's CPU operators.
 - ``"torchvision"``: the official DINO augmentation with PIL in DataLoader workers, the
-  reference (``torchvision.py``).
+  reference (``torchvision_pipeline.py``).
 - ``"synthetic"``: noise generated on the device, for benchmarks (``synthetic.py``; ``root``
   may be None).
 Every number of the augmentation lives in ``MultiCropAugmentation`` (``augment.py``); folder
@@ -112,6 +112,6 @@ def make_loader(
         from dino_fast.data.dali import DALIMultiCropLoader
 
         return DALIMultiCropLoader(root, num_threads=num_workers, **common, **options)
-    from dino_fast.data.torchvision import TorchvisionMultiCropLoader
+    from dino_fast.data.torchvision_pipeline import TorchvisionMultiCropLoader
 
     return TorchvisionMultiCropLoader(root, num_workers=num_workers, **common, **options)

@@ -17,7 +17,7 @@ The crop sampler is torchvision's RandomResizedCrop algorithm; image sizes come 
 folder check (``folders.check_images``), and the decoder ignores EXIF orientation so that
 the decoded size is the stored one, as with PIL.
 
-Where this differs from the torchvision reference (``dino_fast.data.torchvision``):
+Where this differs from the torchvision reference (``dino_fast.data.torchvision_pipeline``):
 - color jitter: torchvision applies brightness, contrast, saturation and hue in a random
   order, clamping and rounding to uint8 after each. Here the four are one affine color
   transform; brightness, contrast (about the crop's gray mean, as in PIL) and saturation
@@ -69,14 +69,6 @@ def _import_dali():
     except ImportError as err:
         raise ImportError(f"the DALI data pipeline needs NVIDIA DALI: {_INSTALL_HINT} ({err})") from err
     return nvidia.dali.fn, nvidia.dali.types, Pipeline, feed_ndarray
-
-
-def dali_available() -> bool:
-    try:
-        _import_dali()
-    except ImportError:
-        return False
-    return True
 
 
 @dataclass(frozen=True)
