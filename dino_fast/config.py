@@ -39,13 +39,15 @@ from typing import Any
 
 import torch
 
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")
+from dino_fast.flags import bool_flag
+from dino_fast.models import ARCHS
+from dino_fast.ops.backends import BACKENDS as OP_BACKENDS
+
 # main_dino.py renames DeiT to ViT ("we changed the name DeiT-S for ViT-S to avoid confusions").
 ARCH_ALIASES = {"deit_tiny": "vit_tiny", "deit_small": "vit_small", "deit_base": "vit_base"}
 DATA_KINDS = ("auto", "dali", "torchvision", "synthetic")
 PRECISIONS = ("bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "sgd", "lars")
-OP_BACKENDS = ("triton", "native", "torch")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PRESETS = ("vit_small_imagenet", "demo", "smoke")
 
@@ -370,16 +372,6 @@ def _preset_values(name: str, *, on_gpu: bool) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------
-
-
-def bool_flag(s: str) -> bool:
-    """The official ``utils.bool_flag``: on/true/1 and off/false/0."""
-    lowered = s.lower()
-    if lowered in {"off", "false", "0"}:
-        return False
-    if lowered in {"on", "true", "1"}:
-        return True
-    raise argparse.ArgumentTypeError(f"invalid value {s!r} for a boolean flag: use true/false, on/off or 1/0")
 
 
 def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser:

@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+
 logger = logging.getLogger("dino_fast.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -250,8 +252,8 @@ def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
 def eval_transform(
     image_size: int = 224,
     resize_size: int | None = None,
-    mean: Sequence[float] = (0.485, 0.456, 0.406),
-    std: Sequence[float] = (0.229, 0.224, 0.225),
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> Callable[[Image.Image], torch.Tensor]:
     """The official DINO evaluation transform: Resize(256 for 224, bicubic), CenterCrop, Normalize.
 
