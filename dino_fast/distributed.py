@@ -1,4 +1,5 @@
-"""Process-group setup from torchrun's environment, and the few collectives the trainer uses.
+"""Process-group setup from torchrun's environment, the rank helpers, and the few collectives the
+trainer and the evaluations use.
 
 ``torchrun`` (single node or multi-node rendezvous) sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT; without them the run is one process and no process group is
@@ -7,9 +8,11 @@ created. GPUs communicate over NCCL, CPU processes over gloo.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,8 +102,25 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30.0) -> Dis
 
 
 def cleanup() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed_context(device: str = "auto") -> Iterator[torch.device]:
+    """Join the process group torchrun describes (if any) and yield this process's device.
+
+    ``torchrun --nproc_per_node=N`` sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on GPUs, gloo on CPU.
+    A plain ``python -m`` run is one process on the first GPU, else the CPU. A group created here
+    is destroyed on exit.
+    """
+    created = not is_initialized()
+    info = init_distributed(device)
+    try:
+        yield info.device
+    finally:
+        if created:
+            cleanup()
 
 
 def is_initialized() -> bool:
@@ -113,6 +133,17 @@ def get_world_size() -> int:
 
 def get_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def shard_indices(num_samples: int, world_size: int, rank: int) -> list[int]:
+    """Rank ``rank``'s interleaved shard, padded by wrapping around (``DistributedSampler`` order)."""
+    per_rank = -(-num_samples // world_size)
+    padded = list(range(num_samples)) + list(range(per_rank * world_size - num_samples))
+    return padded[rank::world_size]
 
 
 def barrier() -> None:
@@ -142,9 +173,3 @@ def all_reduce_sum_async(tensor: torch.Tensor) -> dist.Work | None:
     if not is_initialized():
         return None
     return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)
-
-
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor

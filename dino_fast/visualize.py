@@ -1,8 +1,8 @@
-"""``python -m dino_fast.visualize``: self-attention maps of a DINO ViT (see dino_fast.eval.visualize)."""
+"""``python -m dino_fast.visualize``: self-attention maps of a DINO ViT (dino_fast.eval.attention_maps)."""
 
 from __future__ import annotations
 
-from dino_fast.eval.visualize import main
+from dino_fast.eval.attention_maps import main
 
 if __name__ == "__main__":
     main()

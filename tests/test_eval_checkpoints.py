@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dino_fast import models
-from dino_fast.eval import features as feats
+from dino_fast.eval.weights import CheckpointError, build_backbone, load_pretrained_weights
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -25,7 +25,7 @@ def assert_same_weights(model: torch.nn.Module, expected: dict[str, torch.Tensor
 
 def fresh(arch: str = "vit_tiny", patch: int = 16, seed: int = 123) -> torch.nn.Module:
     torch.manual_seed(seed)  # a different init from the saved weights, so loading must change it
-    return feats.build_backbone(arch, patch)
+    return build_backbone(arch, patch)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_official_training_checkpoint(tmp_path, trained_pair, key):
     path = tmp_path / "checkpoint.pth"
     torch.save(official_training_checkpoint(student, teacher), path)
     model = fresh()
-    info = feats.load_pretrained_weights(model, path, key)
+    info = load_pretrained_weights(model, path, key)
     source = teacher if key == "teacher" else student
     assert_same_weights(model, state_of(source.backbone))
     assert info.num_tensors == len(model.state_dict())  # the head's tensors were dropped
@@ -68,7 +68,7 @@ def test_official_released_backbone_state_dict(tmp_path, trained_pair):
     path = tmp_path / "dino_vittiny16_pretrain.pth"
     torch.save(backbone.state_dict(), path)
     model = fresh()
-    feats.load_pretrained_weights(model, path, "teacher")
+    load_pretrained_weights(model, path, "teacher")
     assert_same_weights(model, state_of(backbone))
 
 
@@ -79,7 +79,7 @@ def test_compiled_and_ddp_prefixes_are_stripped(tmp_path, trained_pair):
         {"teacher": {f"module._orig_mod.backbone.{k}": v for k, v in backbone.state_dict().items()}}, path
     )
     model = fresh()
-    feats.load_pretrained_weights(model, path, "teacher")
+    load_pretrained_weights(model, path, "teacher")
     assert_same_weights(model, state_of(backbone))
 
 
@@ -99,21 +99,21 @@ def test_dino_fast_training_checkpoint(tmp_path):
         torch.set_num_threads(threads)
     for key in ("teacher", "student"):
         model = fresh(cfg.arch, cfg.patch_size)
-        feats.load_pretrained_weights(model, result.checkpoint, key)
+        load_pretrained_weights(model, result.checkpoint, key)
         source = result.trainer.teacher if key == "teacher" else result.trainer.student
         assert_same_weights(model, state_of(source.backbone))
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"does not exist.*checkpoint"):
-        feats.load_pretrained_weights(fresh(), tmp_path / "nope.pth", "teacher")
+        load_pretrained_weights(fresh(), tmp_path / "nope.pth", "teacher")
 
 
 def test_missing_checkpoint_key_lists_the_entries(tmp_path, trained_pair):
     path = tmp_path / "checkpoint.pth"
     torch.save(official_training_checkpoint(*trained_pair), path)
-    with pytest.raises(feats.CheckpointError, match=r"'teachr' is not in .*'student', 'teacher'"):
-        feats.load_pretrained_weights(fresh(), path, "teachr")
+    with pytest.raises(CheckpointError, match=r"'teachr' is not in .*'student', 'teacher'"):
+        load_pretrained_weights(fresh(), path, "teachr")
 
 
 def test_arch_mismatch_names_the_shapes_and_the_right_flags(tmp_path):
@@ -121,10 +121,8 @@ def test_arch_mismatch_names_the_shapes_and_the_right_flags(tmp_path):
     small = models.vit_small(patch_size=16)
     path = tmp_path / "small.pth"
     torch.save({"teacher": {f"backbone.{k}": v for k, v in small.state_dict().items()}}, path)
-    with pytest.raises(feats.CheckpointError) as err:
-        feats.load_pretrained_weights(
-            fresh("vit_tiny", 16), path, arch_hint="--arch vit_tiny --patch_size 16"
-        )
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained_weights(fresh("vit_tiny", 16), path, arch_hint="--arch vit_tiny --patch_size 16")
     msg = str(err.value)
     assert "(1, 1, 192)" in msg and "(1, 1, 384)" in msg  # expected vs found shapes
     assert "--arch vit_tiny" in msg and "--arch vit_small --patch_size 16" in msg
@@ -135,34 +133,34 @@ def test_patch_size_mismatch(tmp_path):
     path = tmp_path / "p8.pth"
     torch.save(models.vit_tiny(patch_size=8).state_dict(), path)
     with pytest.raises(
-        feats.CheckpointError, match=r"patch_embed.proj.weight.*\(192, 3, 16, 16\).*\(192, 3, 8, 8\)"
+        CheckpointError, match=r"patch_embed.proj.weight.*\(192, 3, 16, 16\).*\(192, 3, 8, 8\)"
     ):
-        feats.load_pretrained_weights(fresh("vit_tiny", 16), path)
+        load_pretrained_weights(fresh("vit_tiny", 16), path)
 
 
 def test_incomplete_or_foreign_state_dicts_are_refused(tmp_path, trained_pair):
     state = trained_pair[1].backbone.state_dict()
     truncated = {k: v for k, v in state.items() if not k.startswith("blocks.11.")}
     torch.save(truncated, tmp_path / "truncated.pth")
-    with pytest.raises(feats.CheckpointError, match=r"missing from it.*blocks\.11\."):
-        feats.load_pretrained_weights(fresh(), tmp_path / "truncated.pth")
+    with pytest.raises(CheckpointError, match=r"missing from it.*blocks\.11\."):
+        load_pretrained_weights(fresh(), tmp_path / "truncated.pth")
     extra = dict(state, **{"blocks.12.norm1.weight": torch.ones(192)})
     torch.save(extra, tmp_path / "deeper.pth")
-    with pytest.raises(feats.CheckpointError, match=r"tensors the model lacks.*depth=13"):
-        feats.load_pretrained_weights(fresh(), tmp_path / "deeper.pth")
+    with pytest.raises(CheckpointError, match=r"tensors the model lacks.*depth=13"):
+        load_pretrained_weights(fresh(), tmp_path / "deeper.pth")
     torch.save({"teacher": {"head.mlp.0.weight": torch.ones(2, 2)}}, tmp_path / "head_only.pth")
-    with pytest.raises(feats.CheckpointError, match="no backbone tensors"):
-        feats.load_pretrained_weights(fresh(), tmp_path / "head_only.pth")
+    with pytest.raises(CheckpointError, match="no backbone tensors"):
+        load_pretrained_weights(fresh(), tmp_path / "head_only.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
-    with pytest.raises(feats.CheckpointError, match="holds a list"):
-        feats.load_pretrained_weights(fresh(), tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="holds a list"):
+        load_pretrained_weights(fresh(), tmp_path / "list.pth")
 
 
 def test_no_weights_keeps_random_init_and_warns_loudly(caplog):
     model = fresh()
     before = state_of(model)
-    with caplog.at_level(logging.WARNING, logger="dino_fast.eval.features"):
-        info = feats.load_pretrained_weights(model, "", "teacher")
+    with caplog.at_level(logging.WARNING, logger="dino_fast.eval.weights"):
+        info = load_pretrained_weights(model, "", "teacher")
     assert info.path is None
     assert "RANDOMLY INITIALIZED" in caplog.text
     assert_same_weights(model, before)
@@ -177,12 +175,12 @@ def test_checkpoint_with_python_objects_loads_with_a_warning(tmp_path, trained_p
     path = tmp_path / "pickled.pth"
     torch.save({"teacher": backbone.state_dict(), "config": NotAllowListed()}, path)
     model = fresh()
-    with caplog.at_level(logging.WARNING, logger="dino_fast.eval.features"):
-        feats.load_pretrained_weights(model, path, "teacher")
+    with caplog.at_level(logging.WARNING, logger="dino_fast.eval.weights"):
+        load_pretrained_weights(model, path, "teacher")
     assert "full unpickler" in caplog.text
     assert_same_weights(model, state_of(backbone))
 
 
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="unknown --arch"):
-        feats.build_backbone("deit_huge")
+        build_backbone("deit_huge")

@@ -15,7 +15,13 @@ import torch.multiprocessing as mp
 from eval_helpers import make_image_folder
 from torch import nn
 
-from dino_fast.eval import features as feats
+from dino_fast.distributed import shard_indices
+from dino_fast.eval import splits
+from dino_fast.eval.cache import FeatureCache, cache_key
+from dino_fast.eval.dumps import StaleFeaturesError, dump_features, load_dumped_features
+from dino_fast.eval.features import FeatureSet, FeatureSpec, extract_features
+from dino_fast.eval.splits import extract_split, scan_split
+from dino_fast.eval.weights import build_backbone
 
 
 class ToyImages(torch.utils.data.Dataset):
@@ -53,13 +59,13 @@ def single_process_reference(n: int) -> torch.Tensor:
     ],
 )
 def test_single_process_extraction_is_in_dataset_order(n, batch_size):
-    out = feats.extract_features(toy_model(), ToyImages(n), batch_size=batch_size)
+    out = extract_features(toy_model(), ToyImages(n), batch_size=batch_size)
     torch.testing.assert_close(out, single_process_reference(n), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(("n", "world"), [(10, 3), (2, 4), (9, 1), (8, 2)])
 def test_shards_cover_the_dataset_once_plus_padding(n, world):
-    shards = [feats._shard_indices(n, world, r) for r in range(world)]
+    shards = [shard_indices(n, world, r) for r in range(world)]
     assert len({len(s) for s in shards}) == 1  # equal shard sizes: all_gather needs them
     flat = [i for s in shards for i in s]
     assert sorted(set(flat)) == list(range(n))
@@ -68,14 +74,14 @@ def test_shards_cover_the_dataset_once_plus_padding(n, world):
 
 def test_empty_dataset_raises():
     with pytest.raises(ValueError, match="empty"):
-        feats.extract_features(toy_model(), ToyImages(0))
+        extract_features(toy_model(), ToyImages(0))
 
 
 # ---------------------------------------------------------------------------------------------
 # the keyed cache on a real ImageFolder with a real ViT
 # ---------------------------------------------------------------------------------------------
 
-SPEC = feats.FeatureSpec(image_size=32)  # 2x2 patches of 16 px: the cheapest real forward
+SPEC = FeatureSpec(image_size=32)  # 2x2 patches of 16 px: the cheapest real forward
 
 
 @pytest.fixture
@@ -86,78 +92,78 @@ def folder(tmp_path) -> Path:
 @pytest.fixture
 def vit():
     torch.manual_seed(0)
-    return feats.build_backbone("vit_tiny", 16)
+    return build_backbone("vit_tiny", 16)
 
 
 def test_cache_reuses_identical_inputs(folder, vit, tmp_path, monkeypatch):
-    cache = feats.FeatureCache(tmp_path / "cache")
-    first = feats.extract_split(vit, folder, SPEC, cache=cache)
+    cache = FeatureCache(tmp_path / "cache")
+    first = extract_split(vit, folder, SPEC, cache=cache)
     assert first.features.shape == (4, vit.embed_dim)
     assert cache.path(first.key).is_file()
 
     def fail(*args, **kwargs):
         raise AssertionError("features were recomputed although the cache had them")
 
-    monkeypatch.setattr(feats, "extract_features", fail)
-    again = feats.extract_split(vit, folder, SPEC, cache=cache)
+    monkeypatch.setattr(splits, "extract_features", fail)
+    again = extract_split(vit, folder, SPEC, cache=cache)
     assert again.key == first.key
     torch.testing.assert_close(again.features, first.features)
     assert again.labels.tolist() == first.labels.tolist()
 
 
 def test_cache_key_changes_with_weights_data_and_preprocessing(folder, vit, tmp_path):
-    index = feats.scan_split(folder)
-    base = feats.cache_key(vit, index, SPEC)
-    assert base == feats.cache_key(vit, feats.scan_split(folder), SPEC)  # deterministic
+    index = scan_split(folder)
+    base = cache_key(vit, index, SPEC)
+    assert base == cache_key(vit, scan_split(folder), SPEC)  # deterministic
 
     bias = vit.blocks[3].mlp.fc1.bias
     saved = bias.detach().clone()
     with torch.no_grad():
         bias.add_(1e-3)  # one parameter moves: other weights
-    assert feats.cache_key(vit, index, SPEC) != base
+    assert cache_key(vit, index, SPEC) != base
     with torch.no_grad():
         bias.copy_(saved)
-    restored = feats.cache_key(vit, index, SPEC)
+    restored = cache_key(vit, index, SPEC)
     assert restored == base
 
-    assert feats.cache_key(vit, index, feats.FeatureSpec(image_size=48)) != restored
-    assert feats.cache_key(vit, index, feats.FeatureSpec(image_size=32, n_last_blocks=2)) != restored
+    assert cache_key(vit, index, FeatureSpec(image_size=48)) != restored
+    assert cache_key(vit, index, FeatureSpec(image_size=32, n_last_blocks=2)) != restored
 
     # one more image in a class folder: other data
     src = next((folder / index.classes[0]).iterdir())
     shutil.copy(src, src.with_name("copy_" + src.name))
-    assert feats.cache_key(vit, feats.scan_split(folder), SPEC) != restored
+    assert cache_key(vit, scan_split(folder), SPEC) != restored
 
 
 def test_stale_cache_entry_is_not_reused_after_the_data_changes(folder, vit, tmp_path):
-    cache = feats.FeatureCache(tmp_path / "cache")
-    first = feats.extract_split(vit, folder, SPEC, cache=cache)
-    index = feats.scan_split(folder)
+    cache = FeatureCache(tmp_path / "cache")
+    first = extract_split(vit, folder, SPEC, cache=cache)
+    index = scan_split(folder)
     src = next((folder / index.classes[1]).iterdir())
     shutil.copy(src, src.with_name("copy_" + src.name))
-    second = feats.extract_split(vit, folder, SPEC, cache=cache)
+    second = extract_split(vit, folder, SPEC, cache=cache)
     assert second.key != first.key
     assert second.features.shape[0] == first.features.shape[0] + 1
 
 
 def test_dump_and_load_features_round_trip_and_detect_staleness(folder, vit, tmp_path):
-    train = feats.extract_split(vit, folder, SPEC)
-    train = feats.FeatureSet(train.features, train.labels, train.classes, "train-key")
-    test = feats.FeatureSet(train.features[:2], train.labels[:2], train.classes, "test-key")
-    feats.dump_features(tmp_path / "dump", train, test)
+    train = extract_split(vit, folder, SPEC)
+    train = FeatureSet(train.features, train.labels, train.classes, "train-key")
+    test = FeatureSet(train.features[:2], train.labels[:2], train.classes, "test-key")
+    dump_features(tmp_path / "dump", train, test)
     for name in ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth", "meta.json"):
         assert (tmp_path / "dump" / name).is_file()
 
-    tr, te = feats.load_dumped_features(tmp_path / "dump", expected_keys=("train-key", "test-key"))
+    tr, te = load_dumped_features(tmp_path / "dump", expected_keys=("train-key", "test-key"))
     # dumps hold L2-normalized features, as the official script's do
     torch.testing.assert_close(tr.features, torch.nn.functional.normalize(train.features, dim=1))
     assert te.labels.tolist() == train.labels[:2].tolist()
     assert tr.classes == train.classes
 
-    with pytest.raises(feats.StaleFeaturesError, match="test features"):
-        feats.load_dumped_features(tmp_path / "dump", expected_keys=("train-key", "other"))
+    with pytest.raises(StaleFeaturesError, match="test features"):
+        load_dumped_features(tmp_path / "dump", expected_keys=("train-key", "other"))
     with pytest.raises(FileNotFoundError, match="lacks"):
-        feats.load_dumped_features(tmp_path / "nowhere")
+        load_dumped_features(tmp_path / "nowhere")
 
 
 def _two_rank_worker(rank: int, world: int, init_file: str, root: str, out: str) -> None:
@@ -165,15 +171,15 @@ def _two_rank_worker(rank: int, world: int, init_file: str, root: str, out: str)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        results = {"toy": feats.extract_features(toy_model(), ToyImages(7), batch_size=2)}
+        results = {"toy": extract_features(toy_model(), ToyImages(7), batch_size=2)}
         torch.manual_seed(0)
-        vit = feats.build_backbone("vit_tiny", 16)
-        cache = feats.FeatureCache(os.path.join(out, "cache"))
+        vit = build_backbone("vit_tiny", 16)
+        cache = FeatureCache(os.path.join(out, "cache"))
         # empty cache: both ranks extract their shard and rank 0 writes the entry ...
-        results["split_extracted"] = feats.extract_split(vit, root, SPEC, cache=cache, batch_size=3).features
+        results["split_extracted"] = extract_split(vit, root, SPEC, cache=cache, batch_size=3).features
         dist.barrier()
         # ... filled cache: rank 0 reads it and broadcasts, rank 1 never touches the file
-        results["split_cached"] = feats.extract_split(vit, root, SPEC, cache=cache, batch_size=3).features
+        results["split_cached"] = extract_split(vit, root, SPEC, cache=cache, batch_size=3).features
         torch.save(results, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -207,11 +213,11 @@ def test_two_process_gloo_extraction_equals_single_process(two_rank_results):
 def test_two_process_split_extraction_with_cache(two_rank_results, which):
     root, results, tmp = two_rank_results
     torch.manual_seed(0)
-    vit = feats.build_backbone("vit_tiny", 16)
-    expected = feats.extract_split(vit, root, SPEC)
+    vit = build_backbone("vit_tiny", 16)
+    expected = extract_split(vit, root, SPEC)
     for rank in range(2):
         torch.testing.assert_close(results[rank][which], expected.features, rtol=1e-4, atol=1e-5)
-    key = feats.cache_key(vit, feats.scan_split(root), SPEC)
+    key = cache_key(vit, scan_split(root), SPEC)
     assert [p.name for p in (tmp / "cache").iterdir()] == [f"{key}.pt"]  # written once, by rank 0
 
 
@@ -231,8 +237,8 @@ def test_cuda_extraction_and_knn_match_cpu(folder, vit):
     from dino_fast.eval import knn
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    cpu = feats.extract_split(vit, folder, SPEC)
-    gpu = feats.extract_split(vit.cuda(), folder, SPEC, device="cuda")
+    cpu = extract_split(vit, folder, SPEC)
+    gpu = extract_split(vit.cuda(), folder, SPEC, device="cuda")
     assert gpu.features.device.type == "cuda"
     torch.testing.assert_close(gpu.features.cpu(), cpu.features, rtol=1e-3, atol=1e-4)
     train_f, test_f = knn.normalize(cpu.features), knn.normalize(cpu.features[:2])

@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from dino_fast.eval import knn
+from dino_fast.eval.dumps import StaleFeaturesError
+from dino_fast.eval.features import FeatureSet
+from dino_fast.eval.weights import build_backbone
 
 
 def brute_force_votes(train_f, train_l, test_f, k, temperature, num_classes):
@@ -113,8 +116,8 @@ def test_knn_from_features_normalizes_and_reports_every_k():
     train_f, train_l, test_f, test_l = random_problem(60, 20, 6, 4, torch.float32, seed=3)
     # un-normalized inputs: knn_from_features must normalize them first
     scale = torch.rand(60, 1) * 10 + 0.1
-    train = knn.feats.FeatureSet(train_f * scale, train_l, tuple("abcd"))
-    test = knn.feats.FeatureSet(test_f * 3.0, test_l, tuple("abcd"))
+    train = FeatureSet(train_f * scale, train_l, tuple("abcd"))
+    test = FeatureSet(test_f * 3.0, test_l, tuple("abcd"))
     result = knn.knn_from_features(train, test, nb_knn=(1, 7, 60))
     for k in (1, 7, 60):
         expected = knn.knn_classifier(train_f, train_l, test_f, test_l, k, 0.07, 4)
@@ -155,7 +158,7 @@ def test_float_labels_raise():
 
 def _write_weights(path, seed):
     torch.manual_seed(seed)
-    vit = knn.feats.build_backbone("vit_tiny", 16)
+    vit = build_backbone("vit_tiny", 16)
     torch.save({"teacher": {f"backbone.{k}": v for k, v in vit.state_dict().items()}}, path)
     return vit
 
@@ -179,7 +182,7 @@ def test_cli_dump_load_and_stale_features(tmp_path):
     again = knn.main([*common, "--pretrained_weights", str(tmp_path / "a.pth"), "--load_features", str(dump)])
     assert again.top1 == first.top1 and again.top5 == first.top5
     # other weights: refused instead of silently reporting the old features' accuracy
-    with pytest.raises(knn.feats.StaleFeaturesError, match="other weights"):
+    with pytest.raises(StaleFeaturesError, match="other weights"):
         knn.main([*common, "--pretrained_weights", str(tmp_path / "b.pth"), "--load_features", str(dump)])
     # only the dump (no data, no weights): used as it is, like the official script
     only = knn.main(["--load_features", str(dump), "--nb_knn", "1", "6"])

@@ -8,16 +8,18 @@ import pytest
 import torch
 from eval_helpers import make_image_folder
 
-from dino_fast.eval import features as feats
 from dino_fast.eval import linear
+from dino_fast.eval.features import FeatureSet, intermediate_features
+from dino_fast.eval.splits import scan_split, train_dataset
+from dino_fast.eval.weights import CheckpointError, build_backbone
 
 
-def separable(num_classes: int, per_class: int, dim: int, seed: int) -> feats.FeatureSet:
+def separable(num_classes: int, per_class: int, dim: int, seed: int) -> FeatureSet:
     g = torch.Generator().manual_seed(seed)
     means = 4.0 * torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(99))
     labels = torch.arange(num_classes).repeat_interleave(per_class)
     x = means[labels] + torch.randn(len(labels), dim, generator=g)
-    return feats.FeatureSet(x, labels, tuple(str(c) for c in range(num_classes)))
+    return FeatureSet(x, labels, tuple(str(c) for c in range(num_classes)))
 
 
 def test_official_defaults():
@@ -100,18 +102,17 @@ def test_intermediate_features_layout():
     x = torch.zeros(2, 3, 8, 8)
     fake = FakeViT()
     # n = 4: the four CLS tokens (token 0 of each block), earliest block first
-    out = feats.intermediate_features(fake, x, 4, avgpool=False)
+    out = intermediate_features(fake, x, 4, avgpool=False)
     assert out[0].tolist() == [0, 0, 0, 100, 100, 100, 200, 200, 200, 300, 300, 300]
     # n = 1 + avgpool: official interleaving [cls_0, avg_0, cls_1, avg_1, ...]; mean of tokens 1..4 = 2.5
-    out = feats.intermediate_features(fake, x, 1, avgpool=True)
+    out = intermediate_features(fake, x, 1, avgpool=True)
     assert out[0].tolist() == [0, 2.5, 0, 2.5, 0, 2.5]
     layers = fake.get_intermediate_layers(x, 1)
     official = torch.cat((layers[0][:, 0].unsqueeze(-1), layers[-1][:, 1:].mean(1).unsqueeze(-1)), dim=-1)
     torch.testing.assert_close(out, official.reshape(2, -1))
     # n = 2 + avgpool (official crashes): both CLS tokens, then the last block's mean patch token
     assert (
-        feats.intermediate_features(fake, x, 2, avgpool=True)[0].tolist()
-        == [0, 0, 0, 100, 100, 100] + [102.5] * 3
+        intermediate_features(fake, x, 2, avgpool=True)[0].tolist() == [0, 0, 0, 100, 100, 100] + [102.5] * 3
     )
 
 
@@ -125,11 +126,11 @@ def data_root(tmp_path_factory):
 
 def test_augmented_image_path_runs_the_official_recipe(data_root, tmp_path):
     torch.manual_seed(0)
-    vit = feats.build_backbone("vit_tiny", 16)
+    vit = build_backbone("vit_tiny", 16)
     cfg = linear.LinearProbeConfig(
         epochs=2, batch_size_per_gpu=3, n_last_blocks=2, image_size=32, num_workers=0
     )
-    ds = feats.train_dataset(feats.scan_split(data_root / "train"), cfg.feature_spec())
+    ds = train_dataset(scan_split(data_root / "train"), cfg.feature_spec())
     torch.manual_seed(1)
     a, b = ds[0][0], ds[0][0]
     assert a.shape == (3, 32, 32) and not torch.equal(a, b)  # random crops and flips, per access
@@ -144,7 +145,7 @@ def test_augmented_image_path_runs_the_official_recipe(data_root, tmp_path):
 def test_cli_cached_features_then_evaluate(data_root, tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "vit.pth"
-    torch.save(feats.build_backbone("vit_tiny", 16).state_dict(), weights)
+    torch.save(build_backbone("vit_tiny", 16).state_dict(), weights)
     common = ["--pretrained_weights", str(weights), "--arch", "vit_tiny", "--patch_size", "16"]
     common += [
         "--data_path",
@@ -184,7 +185,7 @@ def test_linear_weights_official_prefix_and_mismatch(tmp_path):
     other = linear.LinearClassifier(6, 4)
     linear.load_linear_weights(other, tmp_path / "official.pth")
     assert torch.equal(other.linear.weight, clf.linear.weight)
-    with pytest.raises(feats.CheckpointError, match="n_last_blocks"):
+    with pytest.raises(CheckpointError, match="n_last_blocks"):
         linear.load_linear_weights(linear.LinearClassifier(12, 4), tmp_path / "official.pth")
 
 

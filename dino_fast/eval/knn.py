@@ -33,7 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_fast.eval import features as feats
+from dino_fast import distributed
+from dino_fast.eval.cache import FeatureCache, cache_key
+from dino_fast.eval.dumps import dump_features, load_dumped_features
+from dino_fast.eval.features import FeatureSet, FeatureSpec
+from dino_fast.eval.splits import extract_split, scan_split, split_dirs
+from dino_fast.eval.weights import add_model_arguments, build_model_from_args
+from dino_fast.flags import bool_flag
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +187,8 @@ class KNNResult:
 
 
 def knn_from_features(
-    train: feats.FeatureSet,
-    test: feats.FeatureSet,
+    train: FeatureSet,
+    test: FeatureSet,
     *,
     nb_knn: Sequence[int] = DEFAULT_NB_KNN,
     temperature: float = DEFAULT_TEMPERATURE,
@@ -232,12 +238,12 @@ def evaluate_knn(
     With ``cache_dir`` the features are stored there, keyed by the weights, the
     data and the transform, and reused on the next call with the same inputs.
     """
-    spec = feats.FeatureSpec(image_size=image_size, resize_size=resize_size)
-    cache = feats.FeatureCache(cache_dir) if cache_dir is not None else None
-    train = feats.extract_split(
+    spec = FeatureSpec(image_size=image_size, resize_size=resize_size)
+    cache = FeatureCache(cache_dir) if cache_dir is not None else None
+    train = extract_split(
         backbone, train_root, spec, device=device, batch_size=batch_size, num_workers=num_workers, cache=cache
     )
-    test = feats.extract_split(
+    test = extract_split(
         backbone, test_root, spec, device=device, batch_size=batch_size, num_workers=num_workers, cache=cache
     )
     if train.classes != test.classes:
@@ -285,24 +291,11 @@ def knn_accuracy(
     return result.top1
 
 
-def _resolve_split_dirs(data_path: Path) -> tuple[Path, Path]:
-    train = data_path / "train"
-    if not train.is_dir():
-        raise FileNotFoundError(
-            f"{train} does not exist: --data_path must hold a train/ folder and a val/ (or test/) folder, "
-            "each with one subfolder per class"
-        )
-    for name in ("val", "test"):
-        if (data_path / name).is_dir():
-            return train, data_path / name
-    raise FileNotFoundError(f"{data_path} has train/ but neither val/ nor test/: add the evaluation split")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "python -m dino_fast.eval.knn", description="Weighted k-NN evaluation of a DINO backbone."
     )
-    feats.add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.add_argument("--batch_size_per_gpu", default=128, type=int, help="Per-process batch size.")
     parser.add_argument("--nb_knn", default=list(DEFAULT_NB_KNN), nargs="+", type=int, help="Values of k.")
     parser.add_argument("--temperature", default=DEFAULT_TEMPERATURE, type=float, help="Voting temperature.")
@@ -334,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--use_cuda",
         default=True,
-        type=feats.bool_flag,
+        type=bool_flag,
         help="Run the k-NN on the GPU when there is one (false: keep features on CPU to save memory).",
     )
     return parser
@@ -343,43 +336,43 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> KNNResult:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    with feats.distributed_context() as device:
-        spec = feats.FeatureSpec(image_size=args.image_size, resize_size=args.resize_size)
+    with distributed.distributed_context() as device:
+        spec = FeatureSpec(image_size=args.image_size, resize_size=args.resize_size)
         if args.data_path is None and args.load_features is None:
             raise SystemExit(
                 "give --data_path (to extract features) or --load_features (to reuse saved ones)"
             )
         model = None
         if args.data_path is not None:
-            model = feats.build_model_from_args(args, device)
+            model = build_model_from_args(args, device)
         if args.load_features is not None:
             expected = None
             if model is not None:
-                train_dir, test_dir = _resolve_split_dirs(args.data_path)
+                train_dir, test_dir = split_dirs(args.data_path)
                 expected = (
-                    feats.cache_key(model, feats.scan_split(train_dir), spec),
-                    feats.cache_key(model, feats.scan_split(test_dir), spec),
+                    cache_key(model, scan_split(train_dir), spec),
+                    cache_key(model, scan_split(test_dir), spec),
                 )
-            train, test = feats.load_dumped_features(args.load_features, expected_keys=expected)
+            train, test = load_dumped_features(args.load_features, expected_keys=expected)
         else:
             assert model is not None
-            train_dir, test_dir = _resolve_split_dirs(args.data_path)
-            cache = feats.FeatureCache(args.cache_dir) if args.cache_dir is not None else None
+            train_dir, test_dir = split_dirs(args.data_path)
+            cache = FeatureCache(args.cache_dir) if args.cache_dir is not None else None
             common = dict(
                 device=device,
                 batch_size=args.batch_size_per_gpu,
                 num_workers=args.num_workers,
                 compute_key=args.dump_features is not None,
             )
-            train = feats.extract_split(model, train_dir, spec, cache=cache, **common)
-            test = feats.extract_split(model, test_dir, spec, cache=cache, **common)
-            if args.dump_features is not None and feats.is_main_process():
-                feats.dump_features(args.dump_features, train, test)
+            train = extract_split(model, train_dir, spec, cache=cache, **common)
+            test = extract_split(model, test_dir, spec, cache=cache, **common)
+            if args.dump_features is not None and distributed.is_main_process():
+                dump_features(args.dump_features, train, test)
         knn_device = device if (args.use_cuda and device.type == "cuda") else torch.device("cpu")
         result = knn_from_features(
             train, test, nb_knn=args.nb_knn, temperature=args.temperature, device=knn_device
         )
-        if feats.is_main_process():
+        if distributed.is_main_process():
             logger.info("k-NN on %d train / %d test images", result.num_train, result.num_test)
             print(result.summary(), flush=True)
     return result

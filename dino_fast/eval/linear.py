@@ -35,8 +35,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_fast import distributed
 from dino_fast.checkpoint import atomic_save
-from dino_fast.eval import features as feats
+from dino_fast.eval.cache import FeatureCache
+from dino_fast.eval.features import FeatureSet, FeatureSpec
+from dino_fast.eval.splits import extract_split, scan_split, split_dirs, train_dataset
+from dino_fast.eval.weights import (
+    CheckpointError,
+    add_model_arguments,
+    build_model_from_args,
+    read_checkpoint,
+)
+from dino_fast.flags import bool_flag
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +93,8 @@ class LinearProbeConfig:
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
 
-    def feature_spec(self) -> feats.FeatureSpec:
-        return feats.FeatureSpec(
+    def feature_spec(self) -> FeatureSpec:
+        return FeatureSpec(
             image_size=self.image_size,
             resize_size=self.resize_size,
             n_last_blocks=self.n_last_blocks,
@@ -92,7 +102,7 @@ class LinearProbeConfig:
         )
 
     def scaled_lr(self) -> float:
-        return self.lr * self.batch_size_per_gpu * feats.world_size() / 256.0
+        return self.lr * self.batch_size_per_gpu * distributed.get_world_size() / 256.0
 
 
 @dataclass
@@ -165,7 +175,7 @@ def _fit(
     """The official training loop: SGD + per-epoch cosine, validate every val_freq epochs."""
     classifier.to(device)
     model: nn.Module = classifier
-    if feats.world_size() > 1:
+    if distributed.get_world_size() > 1:
         model = nn.parallel.DistributedDataParallel(
             classifier, device_ids=[device] if device.type == "cuda" else None
         )
@@ -212,7 +222,7 @@ def _fit(
                 best_acc,
             )
         history.append(stats)
-        if output_dir is not None and feats.is_main_process():
+        if output_dir is not None and distributed.is_main_process():
             output_dir.mkdir(parents=True, exist_ok=True)
             with (output_dir / "log.txt").open("a") as f:
                 f.write(json.dumps(stats) + "\n")
@@ -243,13 +253,13 @@ def _epoch_permutation(num_samples: int, epoch: int, seed: int) -> list[int]:
     """This rank's shuffled, padded shard for ``epoch`` (DistributedSampler semantics)."""
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(num_samples, generator=g).tolist()
-    world, rank_ = feats.world_size(), feats.rank()
-    return [order[i] for i in feats._shard_indices(num_samples, world, rank_)]
+    world, rank_ = distributed.get_world_size(), distributed.get_rank()
+    return [order[i] for i in distributed.shard_indices(num_samples, world, rank_)]
 
 
 def train_linear_on_features(
-    train: feats.FeatureSet,
-    val: feats.FeatureSet,
+    train: FeatureSet,
+    val: FeatureSet,
     cfg: LinearProbeConfig | None = None,
     *,
     num_labels: int | None = None,
@@ -302,8 +312,8 @@ def train_linear_on_images(
     device = torch.device(device)
     model.eval().to(device)
     spec = cfg.feature_spec()
-    train_index = feats.scan_split(train_root)
-    val_index = feats.scan_split(val_root)
+    train_index = scan_split(train_root)
+    val_index = scan_split(val_root)
     if list(train_index.classes) != list(val_index.classes):
         raise ValueError(
             f"train ({train_root}) and val ({val_root}) have different class folders: "
@@ -312,7 +322,7 @@ def train_linear_on_images(
     torch.manual_seed(cfg.seed)
     dim = feature_dim(_embed_dim(model), cfg.n_last_blocks, cfg.avgpool_patchtokens)
     classifier = LinearClassifier(dim, len(train_index.classes))
-    train_set = feats.train_dataset(train_index, spec)
+    train_set = train_dataset(train_index, spec)
     feature_fn = spec.feature_fn(model)
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
@@ -329,7 +339,7 @@ def train_linear_on_images(
             yield x, target
 
     # Validation images are not augmented, so their features are extracted once (all ranks).
-    val = feats.extract_split(
+    val = extract_split(
         model, val_root, spec, device=device, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers
     )
     return _fit(
@@ -353,7 +363,7 @@ def _embed_dim(model: nn.Module) -> int:
 
 def load_linear_weights(classifier: LinearClassifier, path: str | os.PathLike[str]) -> None:
     """Load a linear layer saved by this script or by the official one (``module.`` prefixes)."""
-    blob = feats.read_checkpoint(path)
+    blob = read_checkpoint(path)
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
     state = _strip_module(dict(state))
     own = classifier.state_dict()
@@ -363,7 +373,7 @@ def load_linear_weights(classifier: LinearClassifier, path: str | os.PathLike[st
         if k in own and v.shape != own[k].shape
     }
     if set(state) != set(own) or bad:
-        raise feats.CheckpointError(
+        raise CheckpointError(
             f"{path} does not hold a linear layer for this probe: keys {sorted(state)} "
             f"(expected {sorted(own)}), "
             f"shape mismatches (found, expected): {bad}. Check --n_last_blocks/--avgpool_patchtokens/--arch."
@@ -375,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "python -m dino_fast.eval.linear", description="Linear probe on frozen DINO features."
     )
-    feats.add_model_arguments(parser)
+    add_model_arguments(parser)
     d = LinearProbeConfig()
     parser.add_argument(
         "--n_last_blocks", default=d.n_last_blocks, type=int, help="Concatenate the CLS of the n last blocks."
@@ -383,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--avgpool_patchtokens",
         default=d.avgpool_patchtokens,
-        type=feats.bool_flag,
+        type=bool_flag,
         help="Also concatenate the average-pooled patch tokens of the last block.",
     )
     parser.add_argument("--epochs", default=d.epochs, type=int)
@@ -422,7 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
-    from dino_fast.eval.knn import _resolve_split_dirs
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -438,9 +447,9 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
         num_workers=args.num_workers,
         seed=args.seed,
     )
-    train_dir, val_dir = _resolve_split_dirs(args.data_path)
-    with feats.distributed_context() as device:
-        model = feats.build_model_from_args(args, device)
+    train_dir, val_dir = split_dirs(args.data_path)
+    with distributed.distributed_context() as device:
+        model = build_model_from_args(args, device)
         spec = cfg.feature_spec()
         common: dict[str, Any] = dict(
             device=device, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers
@@ -450,7 +459,7 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
                 raise SystemExit(
                     "--evaluate needs --linear_weights PATH (a linear layer saved by this script)"
                 )
-            val = feats.extract_split(model, val_dir, spec, **common)
+            val = extract_split(model, val_dir, spec, **common)
             num_labels = args.num_labels or len(val.classes)
             classifier = LinearClassifier(
                 feature_dim(_embed_dim(model), cfg.n_last_blocks, cfg.avgpool_patchtokens), num_labels
@@ -459,9 +468,9 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
             top1, top5, _ = evaluate_classifier(classifier.to(device), val.features, val.labels.to(device))
             result = LinearProbeResult(top1=top1, top5=top5, best_top1=top1, epochs=0, classifier=classifier)
         elif args.cached_features:
-            cache = feats.FeatureCache(args.cache_dir) if args.cache_dir is not None else None
-            train = feats.extract_split(model, train_dir, spec, cache=cache, **common)
-            val = feats.extract_split(model, val_dir, spec, cache=cache, **common)
+            cache = FeatureCache(args.cache_dir) if args.cache_dir is not None else None
+            train = extract_split(model, train_dir, spec, cache=cache, **common)
+            val = extract_split(model, val_dir, spec, cache=cache, **common)
             result = train_linear_on_features(
                 train, val, cfg, num_labels=args.num_labels, device=device, output_dir=args.output_dir
             )
@@ -469,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
             result = train_linear_on_images(
                 model, train_dir, val_dir, cfg, device=device, output_dir=args.output_dir
             )
-        if feats.is_main_process():
+        if distributed.is_main_process():
             if not args.evaluate and result.classifier is not None:
                 args.output_dir.mkdir(parents=True, exist_ok=True)
                 torch.save(

@@ -38,12 +38,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import nn
 
-from dino_fast.eval import features as feats
+from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_fast.eval.weights import add_model_arguments, build_model_from_args
 
 logger = logging.getLogger(__name__)
-
-IMAGENET_MEAN = feats.IMAGENET_MEAN
-IMAGENET_STD = feats.IMAGENET_STD
 
 # matplotlib's viridis sampled at 9 evenly spaced points; linear interpolation between them
 # stays within a few levels of the full 256-entry table (matplotlib is not a dependency).
@@ -301,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "python -m dino_fast.visualize", description="Self-attention maps of a DINO ViT's last block."
     )
-    feats.add_model_arguments(parser)
+    add_model_arguments(parser)
     parser.set_defaults(patch_size=8)  # official visualize_attention.py default
     parser.add_argument("--image_path", type=Path, nargs="+", required=True, help="Image file(s).")
     parser.add_argument(
@@ -335,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     missing = [str(p) for p in args.image_path if not p.is_file()]
     if missing:
         raise SystemExit(f"--image_path: no such file(s): {', '.join(missing)}")
-    model = feats.build_model_from_args(args, device)
+    model = build_model_from_args(args, device)
     options = dict(image_size=args.image_size, threshold=args.threshold, output_scale=args.output_scale)
     written: list[Path] = []
     overview: list[list[np.ndarray]] = []
