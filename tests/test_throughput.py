@@ -71,7 +71,7 @@ def test_flop_count_equals_torch_flop_counter(
 
 def test_anchor_flop_count_against_design() -> None:
     flops = throughput.step_flops("vit_small", 16, 224, 96, 10, 65536)
-    # DESIGN.md's ~121 GFLOP/image is the transformer blocks alone (student fwd+bwd, teacher fwd).
+    # docs/design.md's ~121 GFLOP/image is the transformer blocks alone (student fwd+bwd, teacher fwd).
     assert flops["blocks_only"] == pytest.approx(121e9, rel=0.01)
     # Patch embedding (~1.1 GFLOP) and the DINO head (~1.7, mostly the 256 x 65536 layer) add 2.3%.
     assert flops["total"] == pytest.approx(123.4e9, rel=0.005)

@@ -1,9 +1,9 @@
 """Synthetic multi-crop batches generated on the device: the data loader that costs nothing.
 
-For benchmarks that must measure the model, not the input pipeline (DESIGN.md's anchors use
-"synthetic crops already on the GPU"). Each batch is standard-normal noise (the scale of
-normalized images) drawn on the device from a generator seeded by (seed, epoch, rank, step),
-so it is reproducible and never synchronizes with the host.
+For benchmarks that must measure the model, not the input pipeline (the measured anchors in
+docs/design.md use "synthetic crops already on the GPU"). Each batch is standard-normal noise
+(the scale of normalized images) drawn on the device from a generator seeded by (seed, epoch,
+rank, step), so it is reproducible and never synchronizes with the host.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which implementation runs a fused op: "triton", "native" or "torch".
 
-Every fused op has all three behind one contract (see ../shared/DESIGN.md, "Backends"):
+Every fused op has all three behind one contract (see docs/design.md, "Backends"):
 
 - ``triton``: dino_fast.kernels, on CUDA; on CPU only under the Triton interpreter
   (``TRITON_INTERPRET=1`` set before the kernel modules are imported).

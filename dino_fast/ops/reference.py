@@ -1,6 +1,6 @@
 """Plain-PyTorch DINO ops: the readable spec, the tests' oracle, and the "torch" backend.
 
-Everything here follows ../shared/DESIGN.md ("The algorithm, precisely") and the official
+Everything here follows docs/design.md ("The algorithm, precisely") and the official
 DINO code line by line in meaning, with one difference of form: the official loss loops
 over (teacher view, student view) pairs, while ``reference_dino_loss`` computes all pair terms with
 one einsum and then drops the pairs where a view would be compared with itself.
