@@ -38,10 +38,6 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def is_distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
