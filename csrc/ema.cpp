@@ -7,7 +7,7 @@
 // A one-element momentum_tensor wins over the float (a device tensor keeps the CUDA kernels free of
 // host syncs and capturable in a CUDA graph); the float is read otherwise.
 //
-// Math, per element, with C = double for fp64 teachers and float otherwise (dino_fast.reference's
+// Math, per element, with C = double for fp64 teachers and float otherwise (dino_fast.ops.reference's
 // compute dtype):
 //
 //   t' = round_T( C(t) * m_C + C(s) * w_C )
