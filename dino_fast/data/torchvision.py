@@ -25,11 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
 from dino_fast.data.augment import MultiCropAugmentation
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped, mix_seed
-from dino_fast.data.folders import load_rgb
+from dino_fast.data.folders import DECODE_ERRORS, load_rgb
 
 
 class GaussianBlur:
@@ -138,7 +138,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
             candidate = (index + attempt) % len(self.paths)
             try:
                 image = load_rgb(self.paths[candidate])
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            except DECODE_ERRORS:
                 failed.append(str(self.paths[candidate]))
                 continue
             with _SeededRNG(sample_seed):
