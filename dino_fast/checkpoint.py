@@ -63,6 +63,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temporary_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp\.\d+$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries that writes killed mid-way left in ``directory``; return them.
+
+    Call it only while no other process writes there (hold the folder's lock).
+    """
+    mine = f".tmp.{os.getpid()}"
+    stale = [
+        p
+        for p in Path(directory).glob(".*.tmp.*")
+        if _TEMPORARY_NAME.match(p.name) and not p.name.endswith(mine) and p.is_file()
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def _replaced_atomically(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is renamed over ``path``.
@@ -71,7 +94,7 @@ def _replaced_atomically(path: Path) -> Iterator[Path]:
     ``OSError``, or the ``RuntimeError`` torch.save's zip writer raises for one, on a full disk
     say) becomes a :class:`CheckpointWriteError` that says so.
     """
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = _temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)

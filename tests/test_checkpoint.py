@@ -18,6 +18,7 @@ from dino_fast.checkpoint import (
     atomic_save,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng_state,
 )
 
@@ -179,3 +180,21 @@ def test_rng_state_roundtrip_through_a_weights_only_file(tmp_path):
     got = (random.random(), np.random.rand(), torch.rand(4), np.random.randn())
     assert got[0] == expected[0] and got[1] == expected[1] and got[3] == expected[3]
     assert torch.equal(got[2], expected[2])
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    atomic_save(_state(1.0), tmp_path / "checkpoint.pth")
+    stale = [tmp_path / ".checkpoint.pth.tmp.12345", tmp_path / ".checkpoint0010.pth.tmp.999"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    kept = [
+        tmp_path / "checkpoint.pth",
+        tmp_path / ".hidden_notes",
+        tmp_path / "run.tmp.1",
+        tmp_path / "log.txt",
+    ]
+    for path in kept[1:]:
+        path.write_text("keep me")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
