@@ -201,6 +201,26 @@ def test_a_file_failing_mid_epoch_is_replaced_not_fatal(tmp_path: Path, kind: st
     assert len(logs) == 2 and all("1 image slot(s) failed to decode" in m for m in logs)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_vanishing_mid_run_are_reported_even_when_the_epoch_is_cut_short(
+    tmp_path: Path, kind: str, caplog
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for photo in photo_paths()[:6]:
+        shutil.copy(photo, folder)
+    loader = _loader(kind, folder, batch_size=2, local_crops_number=0)
+    for path in loader.index.paths[:4]:  # so every batch of 2 holds at least one
+        path.unlink()  # deleted after the folder check, before the epoch reads them
+    with caplog.at_level(logging.WARNING, logger="dino_fast.data"):
+        batches = iter(loader)
+        first = next(batches)  # a run stopping at --max_steps takes one batch and leaves
+        del batches
+    assert torch.isfinite(first.global_crops).all()
+    logs = [r.getMessage() for r in caplog.records if "skipped unusable files" in r.getMessage()]
+    assert len(logs) == 1 and "failed to decode and were replaced" in logs[0]
+
+
 def _gaussian_blur(image: np.ndarray, sigma: float, window: int) -> np.ndarray:
     """DALI's blur: a sampled, normalized Gaussian of the given window, mirrored borders."""
     radius = window // 2

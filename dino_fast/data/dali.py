@@ -410,22 +410,26 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         consumed = 0
         self._pipe_dirty = True
         recoveries = 0
-        while consumed < len(plan):
-            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-            try:
-                outputs = self._pipe.run(stream) if stream is not None else self._pipe.run()
-            except StopIteration as err:
-                raise RuntimeError(f"DALI ended epoch {epoch} after {consumed} of {len(plan)} steps") from err
-            except Exception as err:
-                recoveries += 1
-                if recoveries > self.dataset_size:
-                    raise
-                failed += self._recover(err, consumed)
-                continue
-            batch = self._to_batch(outputs, self._feed.plan[consumed])
-            consumed += 1
-            yield batch
-        log_skipped(epoch, self.root, len(self.rejected), failed)
+        try:
+            while consumed < len(plan):
+                stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+                try:
+                    outputs = self._pipe.run(stream) if stream is not None else self._pipe.run()
+                except StopIteration as err:
+                    raise RuntimeError(
+                        f"DALI ended epoch {epoch} after {consumed} of {len(plan)} steps"
+                    ) from err
+                except Exception as err:
+                    recoveries += 1
+                    if recoveries > self.dataset_size:
+                        raise
+                    failed += self._recover(err, consumed)
+                    continue
+                batch = self._to_batch(outputs, self._feed.plan[consumed])
+                consumed += 1
+                yield batch
+        finally:  # also when the consumer stops early (--max_steps): the report is still owed
+            log_skipped(epoch, self.root, len(self.rejected), failed)
 
     def close(self) -> None:
         self._pipe = None

@@ -235,16 +235,18 @@ class TorchvisionMultiCropLoader(FolderMultiCropLoader):
         failed: list[str] = []
         epoch = self.epoch
         non_blocking = self.device.type == "cuda"
-        for global_crops, local_crops, indices, batch_failed in self._loader:
-            failed += batch_failed
-            yield MultiCropBatch(
-                global_crops=global_crops.to(self.device, non_blocking=non_blocking),
-                local_crops=None
-                if local_crops is None
-                else local_crops.to(self.device, non_blocking=non_blocking),
-                indices=indices,
-            )
-        log_skipped(epoch, self.root, len(self.rejected), failed)
+        try:
+            for global_crops, local_crops, indices, batch_failed in self._loader:
+                failed += batch_failed
+                yield MultiCropBatch(
+                    global_crops=global_crops.to(self.device, non_blocking=non_blocking),
+                    local_crops=None
+                    if local_crops is None
+                    else local_crops.to(self.device, non_blocking=non_blocking),
+                    indices=indices,
+                )
+        finally:  # also when the consumer stops early (--max_steps): the report is still owed
+            log_skipped(epoch, self.root, len(self.rejected), failed)
 
     def close(self) -> None:
         # Dropping the iterator shuts persistent workers down.
