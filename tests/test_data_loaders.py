@@ -221,6 +221,42 @@ def test_files_vanishing_mid_run_are_reported_even_when_the_epoch_is_cut_short(
     assert len(logs) == 1 and "failed to decode and were replaced" in logs[0]
 
 
+@pytest.mark.parametrize("kind", [*KINDS, "synthetic"])
+def test_iter_from_seeks_to_the_same_batches_without_producing_the_skipped_ones(
+    tmp_path: Path, kind: str, monkeypatch
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for photo in photo_paths()[:12]:
+        shutil.copy(photo, folder)
+    root = None if kind == "synthetic" else folder
+    loader = _loader(
+        kind,
+        root,
+        batch_size=2,
+        local_crops_number=1,
+        seed=3,
+        **({"dataset_size": 12} if kind == "synthetic" else {}),
+    )
+    loader.set_epoch(1)
+    full = list(loader)
+    import dino_fast.data.torchvision as pil_pipeline
+
+    decoded = []
+    real_load = pil_pipeline.load_rgb
+    monkeypatch.setattr(pil_pipeline, "load_rgb", lambda path: decoded.append(path) or real_load(path))
+    rng_before = torch.get_rng_state()
+    resumed = list(loader.iter_from(4))
+    # Starting an epoch draws nothing from the global RNG the training step uses (drop path).
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert torch.equal(a.global_crops, b.global_crops) and torch.equal(a.local_crops, b.local_crops)
+        assert a.indices is None or torch.equal(a.indices, b.indices)
+    if kind == "torchvision":
+        assert len(decoded) == 2 * len(resumed)  # only the batches yielded were decoded
+
+
 def _gaussian_blur(image: np.ndarray, sigma: float, window: int) -> np.ndarray:
     """DALI's blur: a sampled, normalized Gaussian of the given window, mirrored borders."""
     radius = window // 2

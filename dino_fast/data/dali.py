@@ -400,14 +400,16 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             local_crops = None if local_crops is None else local_crops.to(self.dtype)
         return MultiCropBatch(global_crops, local_crops, torch.from_numpy(indices.astype(np.int64)))
 
-    def __iter__(self) -> Iterator[MultiCropBatch]:
+    def iter_from(self, start_batch: int) -> Iterator[MultiCropBatch]:
+        # A step's augmentation depends on its position only, so the skipped ones are not read.
         self._reset_pipeline()
         epoch = self.epoch
         plan = self._epoch_plan(epoch)
-        self._feed = _Feed(epoch, plan, 0)
+        self._feed = _Feed(epoch, plan, start_batch)
         # Slots of files already known to fail are redirected by the plan; count them too.
-        failed = [self._path(int(i)) for i in self.epoch_indices(epoch).numpy() if self._bad[i]]
-        consumed = 0
+        unread = self.epoch_indices(epoch).numpy()[start_batch * self.batch_size :]
+        failed = [self._path(int(i)) for i in unread if self._bad[i]]
+        consumed = start_batch
         self._pipe_dirty = True
         recoveries = 0
         try:

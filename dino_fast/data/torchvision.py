@@ -157,8 +157,9 @@ class _EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         loader = self.loader
-        for position, index in enumerate(loader.epoch_indices().tolist()):
-            yield index, mix_seed(loader.seed, loader.epoch, loader.rank, position)
+        indices = loader.epoch_indices().tolist()
+        for position in range(loader.start_position, len(indices)):
+            yield indices[position], mix_seed(loader.seed, loader.epoch, loader.rank, position)
 
 
 class _CollateCropMajor:
@@ -219,10 +220,15 @@ class TorchvisionMultiCropLoader(FolderMultiCropLoader):
             num_workers = max(1, (os.cpu_count() or 2) - 1)
         self.num_workers = num_workers
         self.dataset = MultiCropDataset(self.index.paths, DINOTransform(augment))
+        self.start_position = 0  # the first sample of the epoch to load (iter_from)
         self._loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
             sampler=_EpochSampler(self),
+            # Each iterator draws its workers' base seed from this generator: from the global one,
+            # it would shift the RNG the training step uses (drop path) and break exact resumes.
+            # The samples need no worker seed: each is seeded by its position (_EpochSampler).
+            generator=torch.Generator(),
             num_workers=num_workers,
             collate_fn=_CollateCropMajor(2, dtype),
             pin_memory=device.type == "cuda",
@@ -231,10 +237,11 @@ class TorchvisionMultiCropLoader(FolderMultiCropLoader):
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
 
-    def __iter__(self) -> Iterator[MultiCropBatch]:
+    def iter_from(self, start_batch: int) -> Iterator[MultiCropBatch]:
         failed: list[str] = []
         epoch = self.epoch
         non_blocking = self.device.type == "cuda"
+        self.start_position = start_batch * self.batch_size
         try:
             for global_crops, local_crops, indices, batch_failed in self._loader:
                 failed += batch_failed
