@@ -51,24 +51,18 @@ import torch
 from dino_fast.data.augment import LUMA_WEIGHTS, MultiCropAugmentation, ViewParams, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
 from dino_fast.data.folders import UnusableImageError, inspect_image
+from dino_fast.optional import require
 
 logger = logging.getLogger("dino_fast.data")
 
-_INSTALL_HINT = (
-    "pip install nvidia-dali-cuda130 (or the wheel matching your CUDA; see benchmarks/dali_bundle.sh)"
-)
-
 
 def _import_dali():
-    try:
-        import nvidia.dali
-        import nvidia.dali.fn
-        import nvidia.dali.types
-        from nvidia.dali.pipeline import Pipeline
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-    except ImportError as err:
-        raise ImportError(f"the DALI data pipeline needs NVIDIA DALI: {_INSTALL_HINT} ({err})") from err
-    return nvidia.dali.fn, nvidia.dali.types, Pipeline, feed_ndarray
+    needed_for = "the DALI data pipeline (--data dali)"
+    fn = require("nvidia.dali.fn", needed_for)
+    types = require("nvidia.dali.types", needed_for)
+    pipeline = require("nvidia.dali.pipeline", needed_for)
+    plugin = require("nvidia.dali.plugin.pytorch", needed_for)
+    return fn, types, pipeline.Pipeline, plugin.feed_ndarray
 
 
 def dali_available() -> bool:

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dino_fast.optional import require
+
 logger = logging.getLogger("dino_fast.data")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -313,8 +315,7 @@ def eval_transform(
     ``resize_size`` defaults to ``round(image_size * 256 / 224)``: the 256/224 ratio of the
     official k-NN and linear evaluation, kept for other crop sizes.
     """
-    from torchvision import transforms
-
+    transforms = require("torchvision.transforms", "the evaluation transform")
     resize_size = resize_size or round(image_size * 256 / 224)
     return transforms.Compose(
         [

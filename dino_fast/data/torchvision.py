@@ -30,6 +30,7 @@ from PIL import Image, ImageFilter, ImageOps
 from dino_fast.data.augment import MultiCropAugmentation
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped, mix_seed
 from dino_fast.data.folders import DECODE_ERRORS, load_rgb
+from dino_fast.optional import require
 
 
 class GaussianBlur:
@@ -60,8 +61,7 @@ class DINOTransform:
     """PIL image -> list of 2 + L normalized float32 ``(3, S, S)`` views (official order)."""
 
     def __init__(self, aug: MultiCropAugmentation) -> None:
-        from torchvision import transforms
-
+        transforms = require("torchvision.transforms", "the torchvision data pipeline (--data torchvision)")
         self.aug = aug
         bicubic = transforms.InterpolationMode.BICUBIC
         flip_and_color_jitter = transforms.Compose(
