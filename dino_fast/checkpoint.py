@@ -12,11 +12,13 @@ the official scripts get when they call ``torch.load`` on a current torch) accep
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import os
 import pickle
 import random
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +63,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _temporary_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp.{os.getpid()}")
+
+
+_TEMPORARY_NAME = re.compile(r"^\..+\.tmp\.\d+$")
+
+
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries that writes killed mid-way left in ``directory``; return them.
+
+    Call it only while no other process writes there (hold the folder's lock).
+    """
+    mine = f".tmp.{os.getpid()}"
+    stale = [
+        p
+        for p in Path(directory).glob(".*.tmp.*")
+        if _TEMPORARY_NAME.match(p.name) and not p.name.endswith(mine) and p.is_file()
+    ]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def _replaced_atomically(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` to write; on success it is renamed over ``path``.
@@ -69,7 +94,7 @@ def _replaced_atomically(path: Path) -> Iterator[Path]:
     ``OSError``, or the ``RuntimeError`` torch.save's zip writer raises for one, on a full disk
     say) becomes a :class:`CheckpointWriteError` that says so.
     """
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp = _temporary_beside(path)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -100,22 +125,46 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     return dst
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint dict. dino_fast's own load with ``weights_only=True``; a checkpoint written by
-    the official main_dino.py (it pickles an argparse.Namespace) is retried with full unpickling,
-    which is safe only for files you made yourself."""
+class CheckpointReadError(ValueError):
+    """A checkpoint file exists but cannot be loaded; the message names the file and why."""
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    *,
+    allow_pickle: bool = False,
+) -> dict[str, Any]:
+    """Load a checkpoint dict without running code from the file.
+
+    Tensors, plain containers and ``argparse.Namespace`` (the ``args`` of official main_dino.py
+    checkpoints) load with ``weights_only=True``. Anything else needs the full unpickler, which
+    executes code from the file: only with ``allow_pickle=True``, for files you trust.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointReadError(f"checkpoint {path} is an empty file (a write that never finished?)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        logger.warning(
-            "%s is not a weights-only checkpoint (official main_dino.py?); unpickling it fully", path
-        )
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=not allow_pickle)
+    except pickle.UnpicklingError as err:
+        # torch names the first Python object the weights-only unpickler refused; anything else
+        # it cannot parse is not a checkpoint at all.
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if refused is None:
+            raise CheckpointReadError(f"checkpoint {path} is damaged: not a torch checkpoint") from err
+        raise CheckpointReadError(
+            f"checkpoint {path} holds Python objects beyond tensors ({refused.group(1)}); loading it would "
+            "run code from the file. If you trust where it came from, pass --allow_pickle true"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise CheckpointReadError(
+            f"checkpoint {path} is damaged: truncated or not a torch checkpoint ({str(err).splitlines()[0]})"
+        ) from err
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+        raise CheckpointReadError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
 
 

@@ -12,11 +12,13 @@ import torch
 
 from dino_fast import checkpoint as ckpt_mod
 from dino_fast.checkpoint import (
+    CheckpointReadError,
     CheckpointWriteError,
     atomic_copy,
     atomic_save,
     capture_rng_state,
     load_checkpoint,
+    remove_stale_temporaries,
     restore_rng_state,
 )
 
@@ -112,12 +114,55 @@ def test_load_checkpoint_errors(tmp_path):
         load_checkpoint(tmp_path / "list.pth")
 
 
-def test_load_checkpoint_accepts_official_namespace_args(tmp_path):
+def test_load_checkpoint_accepts_official_namespace_args_without_full_unpickling(tmp_path):
     import argparse
 
-    # The official main_dino.py pickles an argparse.Namespace under "args": not weights-only.
-    torch.save({"teacher": {}, "args": argparse.Namespace(lr=0.1), "epoch": 4}, tmp_path / "official.pth")
-    assert load_checkpoint(tmp_path / "official.pth")["epoch"] == 4
+    # The official main_dino.py pickles an argparse.Namespace under "args", next to tensors.
+    args = argparse.Namespace(lr=0.1, arch="vit_small", global_crops_scale=(0.4, 1.0), data_path=None)
+    torch.save(
+        {
+            "teacher": {"w": torch.ones(2)},
+            "args": args,
+            "epoch": 4,
+            "dino_loss": {"center": torch.zeros(1, 8)},
+        },
+        tmp_path / "official.pth",
+    )
+    ckpt = load_checkpoint(tmp_path / "official.pth")
+    assert ckpt["epoch"] == 4 and ckpt["args"] == args
+
+
+class _RunsCodeWhenUnpickled:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["DINO_FAST_TEST_MARKER"]),))
+
+
+def test_load_checkpoint_refuses_code_unless_allowed(tmp_path, monkeypatch):
+    marker = tmp_path / "code_ran"
+    monkeypatch.setenv("DINO_FAST_TEST_MARKER", str(marker))
+    torch.save({"epoch": 1, "payload": _RunsCodeWhenUnpickled()}, tmp_path / "hostile.pth")
+    with pytest.raises(CheckpointReadError, match=r"hostile\.pth.*run code.*--allow_pickle true"):
+        load_checkpoint(tmp_path / "hostile.pth")
+    assert not marker.exists()
+    load_checkpoint(tmp_path / "hostile.pth", allow_pickle=True)  # the explicit opt-in
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "garbage", "text"])
+def test_damaged_checkpoint_is_one_error_naming_the_file(tmp_path, damage):
+    path = atomic_save(_state(2.0), tmp_path / "checkpoint.pth")
+    data = path.read_bytes()
+    damaged = {
+        "empty": b"",
+        "truncated": data[: len(data) // 2],
+        "garbage": bytes(range(256)) * 8,
+        "text": b"not a checkpoint\n",
+    }[damage]
+    path.write_bytes(damaged)
+    with pytest.raises(
+        CheckpointReadError, match=r"checkpoint .*checkpoint\.pth is (an empty|damaged|not a)"
+    ):
+        load_checkpoint(path)
 
 
 def test_rng_state_roundtrip_through_a_weights_only_file(tmp_path):
@@ -135,3 +180,21 @@ def test_rng_state_roundtrip_through_a_weights_only_file(tmp_path):
     got = (random.random(), np.random.rand(), torch.rand(4), np.random.randn())
     assert got[0] == expected[0] and got[1] == expected[1] and got[3] == expected[3]
     assert torch.equal(got[2], expected[2])
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_path):
+    atomic_save(_state(1.0), tmp_path / "checkpoint.pth")
+    stale = [tmp_path / ".checkpoint.pth.tmp.12345", tmp_path / ".checkpoint0010.pth.tmp.999"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    kept = [
+        tmp_path / "checkpoint.pth",
+        tmp_path / ".hidden_notes",
+        tmp_path / "run.tmp.1",
+        tmp_path / "log.txt",
+    ]
+    for path in kept[1:]:
+        path.write_text("keep me")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
+    assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1

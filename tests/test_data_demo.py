@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dino_fast.data import scan_image_folder
+from dino_fast.data import demo, scan_image_folder
 from dino_fast.data.demo import CLASSES, DEFAULT_SOURCE, prepare_fashion_mnist, read_idx
 
 needs_source = pytest.mark.skipif(
@@ -53,6 +53,50 @@ def test_missing_source_says_how_to_install(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         prepare_fashion_mnist(tmp_path / "cache", source_dir=tmp_path / "nothing_here")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+@pytest.fixture
+def no_debian_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "DEFAULT_SOURCE", tmp_path / "not_installed")
+
+
+@needs_source
+def test_without_debians_copy_the_files_are_downloaded_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_debian_copy: None
+) -> None:
+    calls = []
+
+    class FakeFashionMNIST:  # what torchvision's download leaves on disk, from Debian's files
+        def __init__(self, root: str, train: bool, download: bool) -> None:
+            calls.append(train)
+            raw = Path(root) / "FashionMNIST" / "raw"
+            raw.mkdir(parents=True, exist_ok=True)
+            for name in demo._FILES["train" if train else "test"]:
+                shutil.copy(DEFAULT_SOURCE / name, raw / name)
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", FakeFashionMNIST)
+    root = prepare_fashion_mnist(tmp_path / "cache", max_per_class=1)
+    assert sorted(calls) == [False, True]
+    assert json.loads((root / "manifest.json").read_text())["train"] == 10
+    assert demo.find_or_fetch_source(cache_dir=tmp_path / "cache") == (
+        tmp_path / "cache" / "downloads" / "FashionMNIST" / "raw"
+    )
+    assert len(calls) == 2  # the second lookup found the download
+
+
+def test_offline_without_debians_copy_is_one_error_naming_every_way_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_debian_copy: None
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr("torchvision.datasets.FashionMNIST", offline)
+    with pytest.raises(FileNotFoundError) as caught:
+        prepare_fashion_mnist(tmp_path / "cache", max_per_class=1)
+    message = str(caught.value)
+    for way_out in ("apt-get install dataset-fashion-mnist", "connect to the internet", "--data_path"):
+        assert way_out in message
+    assert "name resolution" in message and "\n" not in message
 
 
 @needs_source

@@ -156,3 +156,49 @@ def test_eval_dataset_without_check_names_the_broken_file(tmp_path: Path) -> Non
     dataset = EvalImageDataset(scan_image_folder(tmp_path))
     with pytest.raises(UnusableImageError, match=r"broken\.jpg.*from_folder"):
         dataset[0]
+
+
+def test_link_loops_and_second_names_for_a_folder_are_scanned_once(tmp_path: Path, caplog) -> None:
+    photos = photo_paths()[:8]
+    (tmp_path / "cats" / "deeper").mkdir(parents=True)
+    for i, photo in enumerate(photos):
+        shutil.copy(photo, tmp_path / "cats" / ("deeper" if i % 2 else ".") / photo.name)
+    (tmp_path / "cats" / "deeper" / "up").symlink_to(tmp_path)  # a loop back to the root
+    (tmp_path / "cats" / "again").symlink_to(tmp_path / "cats")  # a loop onto its own class
+    (tmp_path / "dogs").symlink_to(tmp_path / "cats")  # a whole class under a second name
+    (tmp_path / "cats" / "gone").symlink_to(tmp_path / "nowhere")  # dangling
+    with caplog.at_level(logging.WARNING, logger="dino_fast.data"):
+        index = scan_image_folder(tmp_path)
+    assert sorted(p.name for p in index.paths) == sorted(p.name for p in photos)
+    assert index.classes == ["cats", "dogs"] and set(index.labels) == {0}
+    assert sorted(p.name for p in index.skipped_links) == ["again", "dogs", "up"]
+    assert "3 linked folder(s) skipped" in caplog.text
+    assert not any(p.name == "gone" for p in index.paths)  # a dangling link is no folder to scan
+
+
+# PIL warns on opening a file over its limit; the check turns that into a rejection.
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_decompression_bomb_header_is_rejected_by_name_not_decoded(tmp_path: Path, caplog) -> None:
+    import struct
+    import zlib
+
+    def png_declaring(width: int, height: int) -> bytes:
+        def chunk(kind: bytes, data: bytes) -> bytes:
+            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+        header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+        body = zlib.compress(b"\0" * 64)
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
+
+    for photo in photo_paths()[:2]:
+        shutil.copy(photo, tmp_path)
+    bombs = {"bomb.png": (50_000, 50_000), "warned_bomb.png": (10_000, 10_000)}  # over 2x / 1x the limit
+    for name, (width, height) in bombs.items():
+        (tmp_path / name).write_bytes(png_declaring(width, height))
+        with pytest.raises(UnusableImageError, match="decompression bomb"):
+            inspect_image(tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="dino_fast.data"):
+        checked = check_images(scan_image_folder(tmp_path))
+    assert len(checked.index) == 2
+    assert sorted(p.name for p, _ in checked.rejected) == sorted(bombs)
+    assert "bomb.png" in caplog.text and "decompression bomb" in caplog.text

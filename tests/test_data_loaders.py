@@ -201,6 +201,62 @@ def test_a_file_failing_mid_epoch_is_replaced_not_fatal(tmp_path: Path, kind: st
     assert len(logs) == 2 and all("1 image slot(s) failed to decode" in m for m in logs)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_vanishing_mid_run_are_reported_even_when_the_epoch_is_cut_short(
+    tmp_path: Path, kind: str, caplog
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for photo in photo_paths()[:6]:
+        shutil.copy(photo, folder)
+    loader = _loader(kind, folder, batch_size=2, local_crops_number=0)
+    for path in loader.index.paths[:4]:  # so every batch of 2 holds at least one
+        path.unlink()  # deleted after the folder check, before the epoch reads them
+    with caplog.at_level(logging.WARNING, logger="dino_fast.data"):
+        batches = iter(loader)
+        first = next(batches)  # a run stopping at --max_steps takes one batch and leaves
+        del batches
+    assert torch.isfinite(first.global_crops).all()
+    logs = [r.getMessage() for r in caplog.records if "skipped unusable files" in r.getMessage()]
+    assert len(logs) == 1 and "failed to decode and were replaced" in logs[0]
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "synthetic"])
+def test_iter_from_seeks_to_the_same_batches_without_producing_the_skipped_ones(
+    tmp_path: Path, kind: str, monkeypatch
+) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for photo in photo_paths()[:12]:
+        shutil.copy(photo, folder)
+    root = None if kind == "synthetic" else folder
+    loader = _loader(
+        kind,
+        root,
+        batch_size=2,
+        local_crops_number=1,
+        seed=3,
+        **({"dataset_size": 12} if kind == "synthetic" else {}),
+    )
+    loader.set_epoch(1)
+    full = list(loader)
+    import dino_fast.data.torchvision as pil_pipeline
+
+    decoded = []
+    real_load = pil_pipeline.load_rgb
+    monkeypatch.setattr(pil_pipeline, "load_rgb", lambda path: decoded.append(path) or real_load(path))
+    rng_before = torch.get_rng_state()
+    resumed = list(loader.iter_from(4))
+    # Starting an epoch draws nothing from the global RNG the training step uses (drop path).
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert len(resumed) == len(full) - 4
+    for a, b in zip(full[4:], resumed, strict=True):
+        assert torch.equal(a.global_crops, b.global_crops) and torch.equal(a.local_crops, b.local_crops)
+        assert a.indices is None or torch.equal(a.indices, b.indices)
+    if kind == "torchvision":
+        assert len(decoded) == 2 * len(resumed)  # only the batches yielded were decoded
+
+
 def _gaussian_blur(image: np.ndarray, sigma: float, window: int) -> np.ndarray:
     """DALI's blur: a sampled, normalized Gaussian of the given window, mirrored borders."""
     radius = window // 2

@@ -100,7 +100,8 @@ def check_loader_args(
 
 
 class MultiCropLoader(abc.ABC):
-    """Iterable over ``MultiCropBatch`` with ``len()`` (steps per epoch) and ``set_epoch(e)``."""
+    """Iterable over ``MultiCropBatch`` with ``len()`` (steps per epoch), ``set_epoch(e)`` and
+    ``iter_from(step)``, which seeks within the epoch (a mid-epoch resume)."""
 
     def __init__(
         self,
@@ -146,8 +147,13 @@ class MultiCropLoader(abc.ABC):
         indices = epoch_indices(self.dataset_size, epoch, self.seed, self.rank, self.world_size)
         return indices[: self.steps_per_epoch * self.batch_size]
 
+    def __iter__(self) -> Iterator[MultiCropBatch]:
+        return self.iter_from(0)
+
     @abc.abstractmethod
-    def __iter__(self) -> Iterator[MultiCropBatch]: ...
+    def iter_from(self, start_batch: int) -> Iterator[MultiCropBatch]:
+        """This epoch's batches from ``start_batch`` on, exactly as a full pass yields them there,
+        without producing the skipped ones."""
 
     def close(self) -> None:  # noqa: B027 - a no-op unless the pipeline holds workers
         """Release worker processes / pipelines (also done when the loader is garbage collected)."""

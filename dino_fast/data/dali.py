@@ -51,24 +51,18 @@ import torch
 from dino_fast.data.augment import LUMA_WEIGHTS, MultiCropAugmentation, ViewParams, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
 from dino_fast.data.folders import UnusableImageError, inspect_image
+from dino_fast.optional import require
 
 logger = logging.getLogger("dino_fast.data")
 
-_INSTALL_HINT = (
-    "pip install nvidia-dali-cuda130 (or the wheel matching your CUDA; see benchmarks/dali_bundle.sh)"
-)
-
 
 def _import_dali():
-    try:
-        import nvidia.dali
-        import nvidia.dali.fn
-        import nvidia.dali.types
-        from nvidia.dali.pipeline import Pipeline
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-    except ImportError as err:
-        raise ImportError(f"the DALI data pipeline needs NVIDIA DALI: {_INSTALL_HINT} ({err})") from err
-    return nvidia.dali.fn, nvidia.dali.types, Pipeline, feed_ndarray
+    needed_for = "the DALI data pipeline (--data dali)"
+    fn = require("nvidia.dali.fn", needed_for)
+    types = require("nvidia.dali.types", needed_for)
+    pipeline = require("nvidia.dali.pipeline", needed_for)
+    plugin = require("nvidia.dali.plugin.pytorch", needed_for)
+    return fn, types, pipeline.Pipeline, plugin.feed_ndarray
 
 
 @dataclass(frozen=True)
@@ -392,32 +386,38 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             local_crops = None if local_crops is None else local_crops.to(self.dtype)
         return MultiCropBatch(global_crops, local_crops, torch.from_numpy(indices.astype(np.int64)))
 
-    def __iter__(self) -> Iterator[MultiCropBatch]:
+    def iter_from(self, start_batch: int) -> Iterator[MultiCropBatch]:
+        # A step's augmentation depends on its position only, so the skipped ones are not read.
         self._reset_pipeline()
         epoch = self.epoch
         plan = self._epoch_plan(epoch)
-        self._feed = _Feed(epoch, plan, 0)
+        self._feed = _Feed(epoch, plan, start_batch)
         # Slots of files already known to fail are redirected by the plan; count them too.
-        failed = [self._path(int(i)) for i in self.epoch_indices(epoch).numpy() if self._bad[i]]
-        consumed = 0
+        unread = self.epoch_indices(epoch).numpy()[start_batch * self.batch_size :]
+        failed = [self._path(int(i)) for i in unread if self._bad[i]]
+        consumed = start_batch
         self._pipe_dirty = True
         recoveries = 0
-        while consumed < len(plan):
-            stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
-            try:
-                outputs = self._pipe.run(stream) if stream is not None else self._pipe.run()
-            except StopIteration as err:
-                raise RuntimeError(f"DALI ended epoch {epoch} after {consumed} of {len(plan)} steps") from err
-            except Exception as err:
-                recoveries += 1
-                if recoveries > self.dataset_size:
-                    raise
-                failed += self._recover(err, consumed)
-                continue
-            batch = self._to_batch(outputs, self._feed.plan[consumed])
-            consumed += 1
-            yield batch
-        log_skipped(epoch, self.root, len(self.rejected), failed)
+        try:
+            while consumed < len(plan):
+                stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+                try:
+                    outputs = self._pipe.run(stream) if stream is not None else self._pipe.run()
+                except StopIteration as err:
+                    raise RuntimeError(
+                        f"DALI ended epoch {epoch} after {consumed} of {len(plan)} steps"
+                    ) from err
+                except Exception as err:
+                    recoveries += 1
+                    if recoveries > self.dataset_size:
+                        raise
+                    failed += self._recover(err, consumed)
+                    continue
+                batch = self._to_batch(outputs, self._feed.plan[consumed])
+                consumed += 1
+                yield batch
+        finally:  # also when the consumer stops early (--max_steps): the report is still owed
+            log_skipped(epoch, self.root, len(self.rejected), failed)
 
     def close(self) -> None:
         self._pipe = None

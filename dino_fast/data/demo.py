@@ -1,8 +1,10 @@
 """The demo dataset: Fashion-MNIST as an ImageFolder of JPEGs, built once into a cache folder.
 
-Source: Debian's ``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``),
-which installs the four IDX files (gzip) under /usr/share/datasets/fashion-mnist: 60,000
-training and 10,000 test images, 28x28 grayscale, labels 0-9. The result:
+Source: the four IDX files (gzip) of 60,000 training and 10,000 test images, 28x28 grayscale,
+labels 0-9, found in this order: a ``source_dir`` given by the caller; Debian's
+``dataset-fashion-mnist`` package (``apt-get install dataset-fashion-mnist``, files under
+/usr/share/datasets/fashion-mnist); an earlier download in the cache; a download through
+torchvision's ``FashionMNIST`` when online. The result:
 
     <cache_dir>/fashion_mnist[-<max_per_class>pc]/
         train/0-tshirt_top/00000.jpg ...   test/9-ankle_boot/...   manifest.json
@@ -74,26 +76,67 @@ def read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
-def _source_files(source_dir: Path) -> dict[str, tuple[Path, Path]]:
-    files = {split: (source_dir / img, source_dir / lab) for split, (img, lab) in _FILES.items()}
-    missing = [str(p) for pair in files.values() for p in pair if not p.is_file()]
-    if missing:
+def _missing(source_dir: Path) -> list[Path]:
+    return [
+        source_dir / name for pair in _FILES.values() for name in pair if not (source_dir / name).is_file()
+    ]
+
+
+def _download(cache_dir: Path) -> Path:
+    """Fetch the IDX files with torchvision (which checks their MD5 sums); return their folder."""
+    raw = cache_dir / "downloads" / "FashionMNIST" / "raw"
+    if not _missing(raw):
+        return raw
+    try:
+        from torchvision.datasets import FashionMNIST
+    except ImportError as err:
         raise FileNotFoundError(
-            f"Fashion-MNIST source files are missing ({', '.join(missing)}). Install them with "
-            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass source_dir= a folder "
-            "holding the four IDX .gz files."
-        )
-    return files
+            f"it cannot be downloaded either: torchvision is not installed ({err})"
+        ) from err
+    try:
+        FashionMNIST(str(cache_dir / "downloads"), train=True, download=True)
+        FashionMNIST(str(cache_dir / "downloads"), train=False, download=True)
+    except (OSError, RuntimeError) as err:  # URLError is an OSError; a failed checksum a RuntimeError
+        raise FileNotFoundError(f"downloading it failed ({err})") from err
+    return raw
+
+
+def find_or_fetch_source(
+    source_dir: str | os.PathLike[str] | None = None, cache_dir: Path | None = None
+) -> Path:
+    """The folder holding the four IDX .gz files, in the order the module doc gives."""
+    if source_dir is not None:
+        source_dir = Path(source_dir).expanduser()
+        if missing := _missing(source_dir):
+            raise FileNotFoundError(
+                f"Fashion-MNIST files are missing in {source_dir} ({', '.join(p.name for p in missing)}): "
+                "pass a folder holding the four IDX .gz files, or install Debian's copy with "
+                "`apt-get install dataset-fashion-mnist`"
+            )
+        return source_dir
+    if not _missing(DEFAULT_SOURCE):
+        return DEFAULT_SOURCE
+    try:
+        return _download(cache_dir or default_cache_dir())
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed in {DEFAULT_SOURCE} and {err}. Install it with "
+            "`sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or connect to the internet "
+            "and install torchvision, or train on your own images with --data_path"
+        ) from None
 
 
 def prepare_fashion_mnist(
     cache_dir: str | os.PathLike[str] | None = None,
     *,
     max_per_class: int | None = None,
-    source_dir: str | os.PathLike[str] = DEFAULT_SOURCE,
+    source_dir: str | os.PathLike[str] | None = None,
     quality: int = 95,
 ) -> Path:
-    """Build (once) and return the root holding ``train/`` and ``test/`` class folders."""
+    """Build (once) and return the root holding ``train/`` and ``test/`` class folders.
+
+    ``source_dir=None`` finds or fetches the IDX files as the module doc says.
+    """
     if max_per_class is not None and max_per_class < 1:
         raise ValueError(f"max_per_class must be >= 1 or None (all images), got {max_per_class}")
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -101,7 +144,8 @@ def prepare_fashion_mnist(
     root = cache_dir / name
     if (root / "manifest.json").is_file():
         return root
-    files = _source_files(Path(source_dir))
+    source_dir = find_or_fetch_source(source_dir, cache_dir)
+    files = {split: (source_dir / img, source_dir / lab) for split, (img, lab) in _FILES.items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
     try:
@@ -141,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--cache_dir", default=None, help="default: $DINO_FAST_CACHE or ~/.cache/dino_fast")
     parser.add_argument("--max_per_class", type=int, default=None, help="images per class and split")
-    parser.add_argument("--source_dir", default=str(DEFAULT_SOURCE))
+    parser.add_argument("--source_dir", default=None, help="default: Debian's copy, else a download")
     args = parser.parse_args(argv)
     root = prepare_fashion_mnist(args.cache_dir, max_per_class=args.max_per_class, source_dir=args.source_dir)
     print(root)

@@ -6,7 +6,9 @@ Layouts (``scan_image_folder``):
   images keeps its label, so train/val splits with the same folders get the same labels;
 - a flat folder of images: one class, label 0, named after the folder.
 Files are images by extension (torchvision's list: .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff
-.webp, any case); hidden files and other extensions are ignored.
+.webp, any case); hidden files and other extensions are ignored. Links are followed, but never
+into a folder already scanned (a link loop, or two names for one folder), so every image is
+listed once; such links are skipped, counted and named in one warning.
 
 Bad input policy (shared by the DALI and torchvision pipelines):
 - a missing root, a root that is not a directory, or a folder without images: an error that
@@ -15,7 +17,8 @@ Bad input policy (shared by the DALI and torchvision pipelines):
   dataset, with one warning listing the first few and the reason for each. The default
   ``"header"`` check reads the file signature and header (size, mode) and, for JPEG and PNG,
   whether the file ends like one (EOI marker / IEND chunk): empty files, text or other
-  non-images named .jpg, and truncated downloads are caught this way for ~50 us per file;
+  non-images named .jpg, truncated downloads, and decompression bombs (a header declaring
+  more pixels than PIL's ``Image.MAX_IMAGE_PIXELS``) are caught this way for ~50 us per file;
   a file that fails only the end check is fully decoded before it is rejected. ``"full"``
   decodes every file (~2 ms per 500x375 JPEG per thread);
 - a file that passes the check but fails to decode during training is replaced by the next
@@ -33,12 +36,14 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
+
+from dino_fast.optional import require
 
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
@@ -70,25 +75,51 @@ class ImageFolderIndex:
     paths: list[Path]
     labels: list[int]
     classes: list[str]
+    skipped_links: list[Path] = field(default_factory=list)  # folder links not followed (module doc)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def subset(self, keep: Sequence[int]) -> ImageFolderIndex:
         """The same folder restricted to the given positions (classes unchanged)."""
-        return ImageFolderIndex(
-            self.root, [self.paths[i] for i in keep], [self.labels[i] for i in keep], list(self.classes)
-        )
+        return replace(self, paths=[self.paths[i] for i in keep], labels=[self.labels[i] for i in keep])
 
 
 def _is_image_file(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _images_under(directory: Path) -> list[Path]:
-    found = []
+def _folder_identity(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino
+
+
+def _images_under(directory: Path, scanned: set[tuple[int, int]], skipped: list[Path]) -> list[Path]:
+    """Images below ``directory``, following links but never into a folder already in ``scanned``.
+
+    A link back up the tree (a loop) or to a folder seen elsewhere would list the same images
+    again; such links are appended to ``skipped`` instead.
+    """
+    found: list[Path] = []
+    if _folder_identity(directory) in scanned:
+        skipped.append(directory)
+        return found
+    scanned.add(_folder_identity(directory))
     for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        kept = []
+        for name in sorted(d for d in dirnames if not d.startswith(".")):
+            sub = Path(dirpath) / name
+            try:
+                identity = _folder_identity(sub)
+            except OSError:  # gone since os.walk listed it
+                skipped.append(sub)
+                continue
+            if identity in scanned:
+                skipped.append(sub)
+            else:
+                scanned.add(identity)
+                kept.append(name)
+        dirnames[:] = kept
         found += [Path(dirpath) / f for f in sorted(filenames) if _is_image_file(f)]
     return found
 
@@ -104,10 +135,12 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
     class_dirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
     paths: list[Path] = []
     labels: list[int] = []
+    scanned: set[tuple[int, int]] = {_folder_identity(root)}
+    skipped_links: list[Path] = []
     if class_dirs:
         empty = []
         for label, name in enumerate(class_dirs):
-            found = _images_under(root / name)
+            found = _images_under(root / name, scanned, skipped_links)
             if not found:
                 empty.append(name)
             paths += found
@@ -131,11 +164,26 @@ def scan_image_folder(root: str | os.PathLike[str]) -> ImageFolderIndex:
             f"no images found under {root}: expected class subfolders or files with one of the "
             f"extensions {', '.join(IMG_EXTENSIONS)}"
         )
-    return ImageFolderIndex(root=root, paths=paths, labels=labels, classes=classes)
+    if skipped_links:
+        logger.warning(
+            "%s: %d linked folder(s) skipped: each leads to a folder already scanned, or nowhere (%s%s)",
+            root,
+            len(skipped_links),
+            ", ".join(str(p) for p in skipped_links[:5]),
+            " ..." if len(skipped_links) > 5 else "",
+        )
+    return ImageFolderIndex(
+        root=root, paths=paths, labels=labels, classes=classes, skipped_links=skipped_links
+    )
 
 
 class UnusableImageError(ValueError):
     """A file that is not a decodable image; the message says why."""
+
+
+# What opening or decoding a bad file raises: PIL's errors (UnidentifiedImageError is an
+# OSError), truncated or malformed data, and PIL's guard against decompression bombs.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _decode_check(path: Path) -> tuple[int, int]:
@@ -143,7 +191,7 @@ def _decode_check(path: Path) -> tuple[int, int]:
         with Image.open(path) as im:
             im.load()
             width, height = im.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except DECODE_ERRORS as err:
         raise UnusableImageError(f"does not decode ({type(err).__name__}: {err})") from err
     return height, width
 
@@ -176,10 +224,19 @@ def inspect_image(path: str | os.PathLike[str], mode: str = "header") -> tuple[i
     try:
         with Image.open(path) as im:
             width, height = im.size
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+    except Image.DecompressionBombError as err:
+        raise UnusableImageError(f"decompression bomb: {err}") from err
+    except DECODE_ERRORS as err:
         raise UnusableImageError(f"unreadable {kind} header ({type(err).__name__}: {err})") from err
     if width < 1 or height < 1:
         raise UnusableImageError(f"{kind} header declares a {width}x{height} image")
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        # PIL only warns up to twice its limit, and decoding such a file can take gigabytes.
+        raise UnusableImageError(
+            f"decompression bomb: the {kind} header declares {width}x{height} = {width * height:,} pixels, "
+            f"over PIL's limit of {limit:,} (raise PIL.Image.MAX_IMAGE_PIXELS to accept such images)"
+        )
     # Cameras pad JPEGs with zeros after the end marker; a missing marker usually means a
     # truncated file, but since other trailers exist, decode before rejecting.
     ends_well = {"JPEG": b"\xff\xd9" in tail.rstrip(b"\x00"), "PNG": b"IEND" in tail}.get(kind, True)
@@ -260,8 +317,7 @@ def eval_transform(
     ``resize_size`` defaults to ``round(image_size * 256 / 224)``: the 256/224 ratio of the
     official k-NN and linear evaluation, kept for other crop sizes.
     """
-    from torchvision import transforms
-
+    transforms = require("torchvision.transforms", "the evaluation transform")
     resize_size = resize_size or round(image_size * 256 / 224)
     return transforms.Compose(
         [
@@ -313,7 +369,7 @@ class EvalImageDataset(torch.utils.data.Dataset):
         path = self.index.paths[i]
         try:
             image = load_rgb(path)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        except DECODE_ERRORS as err:
             raise UnusableImageError(
                 f"{path} does not decode ({err}); build the dataset with EvalImageDataset.from_folder "
                 "to skip unusable files"

@@ -47,11 +47,11 @@ class SyntheticMultiCropLoader(MultiCropLoader):
         check_enough_samples(dataset_size, batch_size, world_size, None)
         self._generator = torch.Generator(device=device)
 
-    def __iter__(self) -> Iterator[MultiCropBatch]:
+    def iter_from(self, start_batch: int) -> Iterator[MultiCropBatch]:
         B, aug = self.batch_size, self.augment
         g, loc, num_local = aug.global_crop_size, aug.local_crop_size, aug.local_crops_number
         epoch = self.epoch
-        for step in range(len(self)):
+        for step in range(start_batch, len(self)):
             self._generator.manual_seed(mix_seed(self.seed, epoch, self.rank, step))
             global_crops = torch.randn(
                 (2 * B, 3, g, g), generator=self._generator, device=self.device, dtype=self.dtype

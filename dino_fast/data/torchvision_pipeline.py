@@ -25,11 +25,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
 from dino_fast.data.augment import MultiCropAugmentation
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped, mix_seed
-from dino_fast.data.folders import load_rgb
+from dino_fast.data.folders import DECODE_ERRORS, load_rgb
+from dino_fast.optional import require
 
 
 class GaussianBlur:
@@ -60,8 +61,7 @@ class DINOTransform:
     """PIL image -> list of 2 + L normalized float32 ``(3, S, S)`` views (official order)."""
 
     def __init__(self, aug: MultiCropAugmentation) -> None:
-        from torchvision import transforms
-
+        transforms = require("torchvision.transforms", "the torchvision data pipeline (--data torchvision)")
         self.aug = aug
         bicubic = transforms.InterpolationMode.BICUBIC
         flip_and_color_jitter = transforms.Compose(
@@ -138,7 +138,7 @@ class MultiCropDataset(torch.utils.data.Dataset):
             candidate = (index + attempt) % len(self.paths)
             try:
                 image = load_rgb(self.paths[candidate])
-            except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            except DECODE_ERRORS:
                 failed.append(str(self.paths[candidate]))
                 continue
             with _SeededRNG(sample_seed):
@@ -157,8 +157,9 @@ class _EpochSampler(torch.utils.data.Sampler):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         loader = self.loader
-        for position, index in enumerate(loader.epoch_indices().tolist()):
-            yield index, mix_seed(loader.seed, loader.epoch, loader.rank, position)
+        indices = loader.epoch_indices().tolist()
+        for position in range(loader.start_position, len(indices)):
+            yield indices[position], mix_seed(loader.seed, loader.epoch, loader.rank, position)
 
 
 class _CollateCropMajor:
@@ -219,10 +220,15 @@ class TorchvisionMultiCropLoader(FolderMultiCropLoader):
             num_workers = max(1, (os.cpu_count() or 2) - 1)
         self.num_workers = num_workers
         self.dataset = MultiCropDataset(self.index.paths, DINOTransform(augment))
+        self.start_position = 0  # the first sample of the epoch to load (iter_from)
         self._loader = torch.utils.data.DataLoader(
             self.dataset,
             batch_size=batch_size,
             sampler=_EpochSampler(self),
+            # Each iterator draws its workers' base seed from this generator: from the global one,
+            # it would shift the RNG the training step uses (drop path) and break exact resumes.
+            # The samples need no worker seed: each is seeded by its position (_EpochSampler).
+            generator=torch.Generator(),
             num_workers=num_workers,
             collate_fn=_CollateCropMajor(2, dtype),
             pin_memory=device.type == "cuda",
@@ -231,20 +237,23 @@ class TorchvisionMultiCropLoader(FolderMultiCropLoader):
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
         )
 
-    def __iter__(self) -> Iterator[MultiCropBatch]:
+    def iter_from(self, start_batch: int) -> Iterator[MultiCropBatch]:
         failed: list[str] = []
         epoch = self.epoch
         non_blocking = self.device.type == "cuda"
-        for global_crops, local_crops, indices, batch_failed in self._loader:
-            failed += batch_failed
-            yield MultiCropBatch(
-                global_crops=global_crops.to(self.device, non_blocking=non_blocking),
-                local_crops=None
-                if local_crops is None
-                else local_crops.to(self.device, non_blocking=non_blocking),
-                indices=indices,
-            )
-        log_skipped(epoch, self.root, len(self.rejected), failed)
+        self.start_position = start_batch * self.batch_size
+        try:
+            for global_crops, local_crops, indices, batch_failed in self._loader:
+                failed += batch_failed
+                yield MultiCropBatch(
+                    global_crops=global_crops.to(self.device, non_blocking=non_blocking),
+                    local_crops=None
+                    if local_crops is None
+                    else local_crops.to(self.device, non_blocking=non_blocking),
+                    indices=indices,
+                )
+        finally:  # also when the consumer stops early (--max_steps): the report is still owed
+            log_skipped(epoch, self.root, len(self.rejected), failed)
 
     def close(self) -> None:
         # Dropping the iterator shuts persistent workers down.
