@@ -240,7 +240,7 @@ def test_iter_from_seeks_to_the_same_batches_without_producing_the_skipped_ones(
     )
     loader.set_epoch(1)
     full = list(loader)
-    import dino_fast.data.torchvision as pil_pipeline
+    import dino_fast.data.torchvision_pipeline as pil_pipeline
 
     decoded = []
     real_load = pil_pipeline.load_rgb

@@ -16,7 +16,7 @@ def _hide(monkeypatch: pytest.MonkeyPatch, *modules: str) -> None:
 
 
 def test_missing_torchvision_names_the_pipeline_and_the_install_command(monkeypatch) -> None:
-    from dino_fast.data.torchvision import DINOTransform
+    from dino_fast.data.torchvision_pipeline import DINOTransform
 
     _hide(monkeypatch, "torchvision", "torchvision.transforms")
     with pytest.raises(MissingDependencyError, match=r"torchvision data pipeline .*pip install torchvision"):

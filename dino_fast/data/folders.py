@@ -43,9 +43,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dino_fast.optional import require
-
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_fast.optional import require
 
 logger = logging.getLogger("dino_fast.data")
 
