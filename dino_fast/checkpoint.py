@@ -125,8 +125,9 @@ def atomic_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Pat
     return dst
 
 
-class CheckpointReadError(ValueError):
-    """A checkpoint file exists but cannot be loaded; the message names the file and why."""
+class CheckpointError(ValueError):
+    """A checkpoint cannot be loaded, or does not fit what it is loaded into; the message names
+    the file, why, and the fix."""
 
 
 def load_checkpoint(
@@ -145,7 +146,7 @@ def load_checkpoint(
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
-        raise CheckpointReadError(f"checkpoint {path} is an empty file (a write that never finished?)")
+        raise CheckpointError(f"checkpoint {path} is an empty file (a write that never finished?)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location=map_location, weights_only=not allow_pickle)
@@ -154,17 +155,17 @@ def load_checkpoint(
         # it cannot parse is not a checkpoint at all.
         refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
         if refused is None:
-            raise CheckpointReadError(f"checkpoint {path} is damaged: not a torch checkpoint") from err
-        raise CheckpointReadError(
+            raise CheckpointError(f"checkpoint {path} is damaged: not a torch checkpoint") from err
+        raise CheckpointError(
             f"checkpoint {path} holds Python objects beyond tensors ({refused.group(1)}); loading it would "
             "run code from the file. If you trust where it came from, pass --allow_pickle true"
         ) from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise CheckpointReadError(
+        raise CheckpointError(
             f"checkpoint {path} is damaged: truncated or not a torch checkpoint ({str(err).splitlines()[0]})"
         ) from err
     if not isinstance(ckpt, dict):
-        raise CheckpointReadError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
 
 

@@ -12,7 +12,7 @@ import torch
 
 from dino_fast import checkpoint as ckpt_mod
 from dino_fast.checkpoint import (
-    CheckpointReadError,
+    CheckpointError,
     CheckpointWriteError,
     atomic_copy,
     atomic_save,
@@ -141,7 +141,7 @@ def test_load_checkpoint_refuses_code_unless_allowed(tmp_path, monkeypatch):
     marker = tmp_path / "code_ran"
     monkeypatch.setenv("DINO_FAST_TEST_MARKER", str(marker))
     torch.save({"epoch": 1, "payload": _RunsCodeWhenUnpickled()}, tmp_path / "hostile.pth")
-    with pytest.raises(CheckpointReadError, match=r"hostile\.pth.*run code.*--allow_pickle true"):
+    with pytest.raises(CheckpointError, match=r"hostile\.pth.*run code.*--allow_pickle true"):
         load_checkpoint(tmp_path / "hostile.pth")
     assert not marker.exists()
     load_checkpoint(tmp_path / "hostile.pth", allow_pickle=True)  # the explicit opt-in
@@ -159,9 +159,7 @@ def test_damaged_checkpoint_is_one_error_naming_the_file(tmp_path, damage):
         "text": b"not a checkpoint\n",
     }[damage]
     path.write_bytes(damaged)
-    with pytest.raises(
-        CheckpointReadError, match=r"checkpoint .*checkpoint\.pth is (an empty|damaged|not a)"
-    ):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*checkpoint\.pth is (an empty|damaged|not a)"):
         load_checkpoint(path)
 
 

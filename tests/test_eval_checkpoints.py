@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from dino_fast import models
-from dino_fast.eval.weights import CheckpointError, build_backbone, load_pretrained_weights
+from dino_fast.eval.weights import (
+    CheckpointError,
+    add_model_arguments,
+    build_backbone,
+    build_model_from_args,
+    load_pretrained_weights,
+)
 
 
 def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -170,17 +176,51 @@ class NotAllowListed:
     """A Python object torch's weights-only unpickler refuses (like a pickled config class)."""
 
 
-def test_checkpoint_with_python_objects_loads_with_a_warning(tmp_path, trained_pair, caplog):
+def test_checkpoint_with_python_objects_loads_only_when_pickle_is_allowed(tmp_path, trained_pair):
     backbone = trained_pair[1].backbone
     path = tmp_path / "pickled.pth"
     torch.save({"teacher": backbone.state_dict(), "config": NotAllowListed()}, path)
+    with pytest.raises(CheckpointError, match=r"NotAllowListed.*run code.*--allow_pickle true"):
+        load_pretrained_weights(fresh(), path, "teacher")
     model = fresh()
-    with caplog.at_level(logging.WARNING, logger="dino_fast.eval.weights"):
-        load_pretrained_weights(model, path, "teacher")
-    assert "full unpickler" in caplog.text
+    load_pretrained_weights(model, path, "teacher", allow_pickle=True)
     assert_same_weights(model, state_of(backbone))
 
 
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="unknown --arch"):
         build_backbone("deit_huge")
+
+
+def _eval_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize("stored", ["dino_fast args", "official Namespace", "weights only"])
+def test_eval_commands_take_the_model_from_the_checkpoint_when_flags_are_left_out(tmp_path, stored):
+    torch.manual_seed(0)
+    teacher = models.DINOModel(models.vit_tiny(patch_size=8), models.DINOHead(192, 64))
+    checkpoint = {"teacher": teacher.state_dict(), "epoch": 3}
+    if stored == "dino_fast args":
+        checkpoint["args"] = {"arch": "vit_tiny", "patch_size": 8, "out_dim": 64}
+    elif stored == "official Namespace":
+        checkpoint["args"] = argparse.Namespace(arch="vit_tiny", patch_size=8, out_dim=64)
+    path = tmp_path / "checkpoint.pth"
+    torch.save(checkpoint, path)
+    model = build_model_from_args(_eval_args("--pretrained_weights", str(path)), torch.device("cpu"))
+    assert model.embed_dim == 192 and model.patch_embed.patch_size == 8
+    assert_same_weights(model, state_of(teacher.backbone))
+    # Flags given explicitly win, and a wrong one still fails by name.
+    with pytest.raises(
+        CheckpointError, match=r"--arch vit_small --patch_size 8.*--arch vit_tiny --patch_size 8"
+    ):
+        build_model_from_args(
+            _eval_args("--pretrained_weights", str(path), "--arch", "vit_small"), torch.device("cpu")
+        )
+
+
+def test_without_weights_the_official_default_model_is_built():
+    model = build_model_from_args(_eval_args(), torch.device("cpu"))
+    assert model.embed_dim == 384 and model.patch_embed.patch_size == 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -212,3 +213,23 @@ def test_knn_accuracy_api_separates_two_kinds_of_photos(tmp_path):
     acc = knn.knn_accuracy(vit, root, root, nb_knn=(1, 3), image_size=32, batch_size=4)
     assert set(acc) == {1, 3}
     assert acc[1] == 100.0  # train == test: each image's nearest neighbour is itself
+
+
+def test_cli_skips_a_truncated_image_and_counts_it(tmp_path, caplog):
+    from eval_helpers import make_image_folder
+
+    data = tmp_path / "data"
+    make_image_folder(data / "train", per_class=3)
+    make_image_folder(data / "val", per_class=1)
+    broken = data / "train" / "class_0" / "truncated_download.jpg"
+    whole = next((data / "train" / "class_0").iterdir()).read_bytes()
+    broken.write_bytes(whole[: len(whole) // 2])
+    _write_weights(tmp_path / "a.pth", seed=0)
+    with caplog.at_level(logging.WARNING):
+        weights = ["--pretrained_weights", str(tmp_path / "a.pth")]
+        result = knn.main(
+            [*weights, "--image_size", "32", "--num_workers", "0", "--data_path", str(data), "--nb_knn", "1"]
+        )
+    assert (result.num_train, result.num_test) == (6, 2)
+    assert "1 of 7 files are not usable images and are skipped" in caplog.text
+    assert "truncated_download.jpg" in caplog.text

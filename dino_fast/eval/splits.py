@@ -13,9 +13,10 @@ from torch import nn
 
 from dino_fast import distributed
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
-from dino_fast.data.folders import EvalImageDataset, ImageFolderIndex, scan_image_folder
+from dino_fast.data.folders import EvalImageDataset, ImageFolderIndex, check_images, scan_image_folder
 from dino_fast.eval.cache import FeatureCache, cache_key
 from dino_fast.eval.features import FeatureSet, FeatureSpec, extract_features
+from dino_fast.optional import require
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +36,9 @@ def split_dirs(data_path: Path) -> tuple[Path, Path]:
 
 
 def scan_split(root: str | os.PathLike[str]) -> ImageFolderIndex:
-    """Index of an ImageFolder split (see ``dino_fast.data.folders.scan_image_folder``)."""
-    return scan_image_folder(root)
+    """The usable images of an ImageFolder split: unreadable files (empty, truncated, not an
+    image) are left out with one warning that counts and names them, as training does."""
+    return check_images(scan_image_folder(root)).index
 
 
 def eval_dataset(index: ImageFolderIndex, spec: FeatureSpec) -> torch.utils.data.Dataset:
@@ -46,8 +48,7 @@ def eval_dataset(index: ImageFolderIndex, spec: FeatureSpec) -> torch.utils.data
 
 def train_dataset(index: ImageFolderIndex, spec: FeatureSpec) -> torch.utils.data.Dataset:
     """The official linear-probe training transform: RandomResizedCrop, horizontal flip, normalize."""
-    from torchvision import transforms  # optional: only the linear probe on images needs it
-
+    transforms = require("torchvision.transforms", "the linear probe's training transform")
     transform = transforms.Compose(
         [
             transforms.RandomResizedCrop(spec.image_size),

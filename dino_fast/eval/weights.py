@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_fast.checkpoint import CheckpointError, load_checkpoint
+from dino_fast.flags import bool_flag
 from dino_fast.models import ARCHS
 
 logger = logging.getLogger(__name__)
@@ -31,10 +32,6 @@ _EMBED_DIM_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: 
 # Prefixes wrappers put in front of backbone parameter names: DDP ("module."), the multi-crop
 # wrapper / DINOModel ("backbone."), torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded into the requested model; the message says why and the fix."""
 
 
 def build_backbone(arch: str, patch_size: int = 16, attn_backend: str = "auto") -> nn.Module:
@@ -47,31 +44,15 @@ def build_backbone(arch: str, patch_size: int = 16, attn_backend: str = "auto") 
     return model
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """``torch.load`` on CPU, refusing arbitrary code where the file allows it.
-
-    Tensors, containers and ``argparse.Namespace`` (the official checkpoints' ``args``) load
-    with ``weights_only=True``. A file holding other Python objects (a config dataclass, a
-    numpy scalar) can only be read with the full unpickler, which can run code: that fallback
-    is logged, so only evaluate checkpoints from sources you trust.
-    """
+def read_checkpoint(path: str | os.PathLike[str], *, allow_pickle: bool = False) -> dict[str, Any]:
+    """The checkpoint at ``path`` on CPU, without running code from it (``load_checkpoint``)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"--pretrained_weights {path} does not exist (or is not a file): pass the path of a dino_fast "
             "checkpoint.pth or of an official DINO *_pretrain.pth / checkpoint.pth"
         )
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        logger.warning(
-            "%s holds Python objects beyond tensors (%s); loading it with the full unpickler, which runs "
-            "code from the file: only do this for checkpoints you trust",
-            path,
-            str(err).splitlines()[0],
-        )
-        return torch.load(path, map_location="cpu", weights_only=False)
+    return load_checkpoint(path, allow_pickle=allow_pickle)
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -135,16 +116,37 @@ def backbone_state_dict(
     return out
 
 
-def describe_vit_state_dict(state: Mapping[str, torch.Tensor]) -> str:
-    """Best-effort description of the ViT a state dict was saved from (for error messages)."""
+def _vit_shape(state: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
+    """``(embed_dim, patch_size, depth)`` of the ViT a backbone state dict was saved from."""
     proj = state.get("patch_embed.proj.weight")
     if proj is None or proj.ndim != 4:
-        return "it does not look like a ViT backbone (no patch_embed.proj.weight)"
-    dim, patch = proj.shape[0], proj.shape[-1]
+        return None
     depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
+    return proj.shape[0], proj.shape[-1], depth
+
+
+def describe_vit_state_dict(state: Mapping[str, torch.Tensor]) -> str:
+    """Best-effort description of the ViT a state dict was saved from (for error messages)."""
+    shape = _vit_shape(state)
+    if shape is None:
+        return "it does not look like a ViT backbone (no patch_embed.proj.weight)"
+    dim, patch, depth = shape
     arch = _EMBED_DIM_TO_ARCH.get(dim)
     guess = f" -> --arch {arch} --patch_size {patch}" if arch else ""
     return f"it was saved from a ViT with embed_dim={dim}, patch_size={patch}, depth={depth}{guess}"
+
+
+def stored_model_flags(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """``arch`` and ``patch_size`` the checkpoint was trained with: from its stored ``args`` (a
+    dino_fast dict or an official ``argparse.Namespace``), else read off the weights' shapes."""
+    args = checkpoint.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args
+    if isinstance(args, Mapping) and args.get("arch") in ARCHS and isinstance(args.get("patch_size"), int):
+        return {"arch": args["arch"], "patch_size": args["patch_size"]}
+    shape = _vit_shape(state)
+    if shape is not None and shape[0] in _EMBED_DIM_TO_ARCH:
+        return {"arch": _EMBED_DIM_TO_ARCH[shape[0]], "patch_size": shape[1]}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ def load_pretrained_weights(
     checkpoint_key: str | None = "teacher",
     *,
     arch_hint: str = "",
+    allow_pickle: bool = False,
 ) -> LoadedWeights:
     """Load a dino_fast / official DINO checkpoint into ``model`` (a backbone), strictly.
 
@@ -169,7 +172,7 @@ def load_pretrained_weights(
     checkpoint may hold nothing else besides the DINO head: a partly loaded backbone would
     evaluate silently wrong numbers. ``pretrained_weights`` None or "" keeps the random
     initialization, with a loud warning. ``arch_hint`` (e.g. "--arch vit_small --patch_size
-    16") is echoed in errors.
+    16") is echoed in errors; ``allow_pickle`` as in :func:`dino_fast.checkpoint.load_checkpoint`.
     """
     if pretrained_weights is None or str(pretrained_weights) == "":
         logger.warning(
@@ -179,7 +182,19 @@ def load_pretrained_weights(
         )
         return LoadedWeights(path=None, checkpoint_key=None, num_tensors=0)
     path = Path(pretrained_weights)
-    state = backbone_state_dict(read_checkpoint(path), checkpoint_key, source=str(path))
+    checkpoint = read_checkpoint(path, allow_pickle=allow_pickle)
+    return _load_backbone_state(
+        model,
+        backbone_state_dict(checkpoint, checkpoint_key, source=str(path)),
+        path,
+        checkpoint_key,
+        arch_hint,
+    )
+
+
+def _load_backbone_state(
+    model: nn.Module, state: dict[str, torch.Tensor], path: Path, checkpoint_key: str | None, arch_hint: str
+) -> LoadedWeights:
     own = model.state_dict()
     hint = f" (model built with {arch_hint})" if arch_hint else ""
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -204,13 +219,12 @@ def load_pretrained_weights(
             f"{path} does not match the model{hint}: {' and '.join(parts)}. {describe_vit_state_dict(state)}."
         )
     model.load_state_dict(state, strict=True)
-    used_key = checkpoint_key if checkpoint_key is not None else None
-    logger.info("loaded %d tensors from %s (checkpoint key %r)", len(state), path, used_key)
-    return LoadedWeights(path=path, checkpoint_key=used_key, num_tensors=len(state))
+    logger.info("loaded %d tensors from %s (checkpoint key %r)", len(state), path, checkpoint_key)
+    return LoadedWeights(path=path, checkpoint_key=checkpoint_key, num_tensors=len(state))
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The official evaluation scripts' model flags."""
+    """The official evaluation scripts' model flags; the architecture defaults to the checkpoint's."""
     parser.add_argument(
         "--pretrained_weights", default="", type=str, help="Checkpoint to evaluate (empty: random init)."
     )
@@ -220,22 +234,44 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=str,
         help='Training-checkpoint entry to use ("teacher" or "student"); ignored for a plain state dict.',
     )
-    parser.add_argument("--arch", default="vit_small", choices=tuple(ARCHS), help="Architecture.")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch resolution of the model.")
+    parser.add_argument(
+        "--arch",
+        default=None,
+        choices=tuple(ARCHS),
+        help="Architecture (default: the checkpoint's, else vit_small).",
+    )
+    parser.add_argument(
+        "--patch_size", default=None, type=int, help="Patch resolution (default: the checkpoint's, else 16)."
+    )
     parser.add_argument(
         "--attn_backend",
         default="auto",
         type=str,
         help="Attention backend of the ViT (see dino_fast.models).",
     )
+    parser.add_argument(
+        "--allow_pickle",
+        default=False,
+        type=bool_flag,
+        help="Load a checkpoint holding Python objects beyond tensors (runs its code: trusted files only).",
+    )
 
 
 def build_model_from_args(args: argparse.Namespace, device: torch.device) -> nn.Module:
-    model = build_backbone(args.arch, args.patch_size, args.attn_backend)
-    load_pretrained_weights(
-        model,
-        args.pretrained_weights,
-        args.checkpoint_key,
-        arch_hint=f"--arch {args.arch} --patch_size {args.patch_size}",
-    )
+    """The backbone ``args`` describe, with its weights; flags left out come from the checkpoint."""
+    flags = {"arch": "vit_small", "patch_size": 16}
+    state = None
+    if args.pretrained_weights:
+        path = Path(args.pretrained_weights)
+        checkpoint = read_checkpoint(path, allow_pickle=args.allow_pickle)
+        state = backbone_state_dict(checkpoint, args.checkpoint_key, source=str(path))
+        flags.update(stored_model_flags(checkpoint, state))
+    arch = args.arch or flags["arch"]
+    patch_size = args.patch_size or flags["patch_size"]
+    model = build_backbone(arch, patch_size, args.attn_backend)
+    hint = f"--arch {arch} --patch_size {patch_size}"
+    if state is None:
+        load_pretrained_weights(model, None, arch_hint=hint)
+    else:
+        _load_backbone_state(model, state, path, args.checkpoint_key, hint)
     return model.to(device)
