@@ -19,10 +19,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dino_fast.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(UserError, RuntimeError):
     """The launch environment cannot run as asked; the message says what to change."""
 
 

@@ -16,10 +16,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from dino_fast.errors import UserError
+
 LOCK_NAME = ".dino_fast.lock"
 
 
-class OutputDirError(RuntimeError):
+class OutputDirError(UserError, OSError):
     """The output folder cannot be used; the message names it, why, and what to do."""
 
 

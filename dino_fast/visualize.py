@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+from dino_fast.errors import run_command
 from dino_fast.eval.attention_maps import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

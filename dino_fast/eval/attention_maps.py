@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dino_fast.data.folders import DECODE_ERRORS, UnusableImageError, inspect_image, load_rgb
 from dino_fast.eval.weights import add_model_arguments, build_model_from_args
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,12 @@ def load_image(
     if not path.is_file():
         raise FileNotFoundError(f"--image_path {path} does not exist (or is not a file)")
     try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except UnidentifiedImageError as err:
-        raise ValueError(f"--image_path {path} is not an image PIL can read ({err})") from err
+        inspect_image(path)
+        img = load_rgb(path)
+    except UnusableImageError as err:
+        raise UnusableImageError(f"--image_path {path} is not a usable image: {err}") from err
+    except DECODE_ERRORS as err:
+        raise UnusableImageError(f"--image_path {path} does not decode ({err})") from err
     if len(image_size) == 2:
         height, width = int(image_size[0]), int(image_size[1])
     elif len(image_size) == 1:
@@ -345,7 +348,3 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written.append(_save(make_grid(overview), args.output_dir / "attn-overview.png"))
     print(f"wrote {len(written)} files under {args.output_dir}", flush=True)
     return written
-
-
-if __name__ == "__main__":
-    main()

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from dino_fast.checkpoint import atomic_save
+from dino_fast.errors import UserError
 from dino_fast.eval.features import FeatureSet
 
 logger = logging.getLogger(__name__)
@@ -19,7 +20,7 @@ logger = logging.getLogger(__name__)
 _DUMP_FILES = ("trainfeat.pth", "testfeat.pth", "trainlabels.pth", "testlabels.pth")
 
 
-class StaleFeaturesError(RuntimeError):
+class StaleFeaturesError(UserError, RuntimeError):
     """Saved features were computed from different weights, data or preprocessing."""
 
 

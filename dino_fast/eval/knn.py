@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_fast import distributed
+from dino_fast.errors import run_command
 from dino_fast.eval.cache import FeatureCache, cache_key
 from dino_fast.eval.dumps import dump_features, load_dumped_features
 from dino_fast.eval.features import FeatureSet, FeatureSpec
@@ -379,4 +381,4 @@ def main(argv: Sequence[str] | None = None) -> KNNResult:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from torch import nn
 
 from dino_fast import distributed
 from dino_fast.checkpoint import atomic_save
+from dino_fast.errors import run_command
 from dino_fast.eval.cache import FeatureCache
 from dino_fast.eval.features import FeatureSet, FeatureSpec
 from dino_fast.eval.splits import extract_split, scan_split, split_dirs, train_dataset
@@ -495,4 +497,4 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command(main))

@@ -20,6 +20,7 @@ import os
 
 import torch
 
+from dino_fast.errors import UserError
 from dino_fast.kernels import runtime
 from dino_fast.ops import native
 
@@ -27,7 +28,7 @@ BACKENDS = ("triton", "native", "torch")
 ENV_VAR = "DINO_FAST_BACKEND"
 
 
-class BackendUnavailableError(RuntimeError):
+class BackendUnavailableError(UserError, RuntimeError):
     """A backend was asked for by name but cannot run here; the message says why and the fix."""
 
 
