@@ -129,6 +129,7 @@ setup(
     packages=[
         "dino_fast",
         "dino_fast.models",
+        "dino_fast.official",
         "dino_fast.data",
         "dino_fast.eval",
         "dino_fast.kernels",
