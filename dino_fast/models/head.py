@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino_fast.models.init import init_weights
+
 __all__ = ["DINOHead", "WeightNormLinear"]
 
 
@@ -74,17 +76,10 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
