@@ -29,10 +29,12 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         # nn.Linear's default init for v; g = 1 as the DINO head sets it after weight_norm.
-        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        weight_v = nn.init.kaiming_uniform_(torch.empty(out_features, in_features), a=math.sqrt(5))
+        # Registered g first, as weight_norm does: the official parameter order, which optimizer
+        # state dicts index by.
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(weight_v)
 
     @property
     def weight(self) -> Tensor:
