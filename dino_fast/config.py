@@ -594,10 +594,10 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
         "--clip_grad_mode",
         default=d.clip_grad_mode,
         choices=CLIP_GRAD_MODES,
-        help="per_param: --clip_grad applies to each parameter's gradient on its own (the official rule). "
-        "global: to the norm of all student gradients together, which clips far more often (every "
-        "step of the first ones with the official 3.0) and changes the trajectory; not the official "
-        "algorithm",
+        help="per_param: --clip_grad applies to each parameter's gradient on its own (the official rule, "
+        "computed without host syncs). global: to the norm of all student gradients together, which "
+        "clips where the official rule does not (a ViT's first steps at 3.0) and so leaves the official "
+        "trajectory; see README",
     )
     g.add_argument(
         "--data",
