@@ -182,6 +182,7 @@ def build_backbone(config: TrainConfig, *, drop_path_rate: float) -> nn.Module:
 
 
 def build_head(config: TrainConfig, embed_dim: int, *, norm_last_layer: bool) -> nn.Module:
+    """A freshly initialized DINOHead on ``embed_dim`` features (the official ``DINOHead(...)``)."""
     from dino_fast import models
 
     return models.DINOHead(
