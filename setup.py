@@ -130,6 +130,7 @@ setup(
         "dino_fast",
         "dino_fast.ops",
         "dino_fast.models",
+        "dino_fast.official",
         "dino_fast.data",
         "dino_fast.eval",
         "dino_fast.kernels",

@@ -1,7 +1,7 @@
 """Per-op benchmarks: fused DINO ops against the official formulations, in one run.
 
     python benchmarks/kernels.py --device cuda --json benchmarks/results/kernels.json
-    python benchmarks/kernels.py --device cpu --suites dino_loss ema
+    python benchmarks/kernels.py --device cpu --suites dino_loss ema clip
 
 Each suite lives in its own module (bench_<suite>.py beside this file) exposing
 ``run(device, *, full) -> list[dict]``: one row per (shape, implementation), with the
@@ -22,6 +22,7 @@ from timing import environment, write_json
 SUITES = {
     "dino_loss": "bench_dino_loss",
     "ema": "bench_ema",
+    "clip": "bench_clip",
     "vit": "bench_vit",
 }
 
@@ -53,8 +54,10 @@ def format_row(row: dict) -> str:
         return f"{row['suite']:<10} {row.get('impl', '-'):<28} FAILED: {row['error']}"
     extra = f"{row['peak_extra_mib']:9.1f} MiB" if row.get("peak_extra_mib") is not None else ""
     rate = f"{row['gbps']:8.1f} GB/s" if row.get("gbps") is not None else ""
+    ratio = f"{row['vs_global']:6.2f}x vs global" if row.get("vs_global") is not None else ""
     return (
-        f"{row['suite']:<10} {row['impl']:<28} {row['shape']:<34} {row['median_ms']:10.3f} ms {rate} {extra}"
+        f"{row['suite']:<10} {row['impl']:<28} {row['shape']:<34} {row['median_ms']:10.3f} ms "
+        f"{rate}{ratio} {extra}"
     )
 
 

@@ -1,10 +1,10 @@
 """The official DINO training step, re-implemented from the algorithm as the throughput baseline.
 
-The official code (facebookresearch/dino: vision_transformer.py, main_dino.py, utils.py) is not
-imported or copied; this module rebuilds what its training loop executes, with the official
-parameter names, so that one state dict loads into every variant benchmarks/throughput.py times
-and into dino_fast's own models. What makes the official step cost what it costs is kept on
-purpose:
+The models are rebuilt here from the algorithm (facebookresearch/dino: vision_transformer.py) with
+the official parameter names and initialization, so that one state dict loads into every variant
+benchmarks/throughput.py times and into dino_fast's own models; the loss, the parameter groups, the
+clipping and the last-layer freeze are the official ones from dino_fast.official.training. What
+makes the official step cost what it costs is kept on purpose:
 
 - an explicit-attention ViT (``q @ k^T``, softmax, ``@ v``; the attention matrix is materialized),
   drop path on the student, the bicubic positional-embedding interpolation for local crops
@@ -31,8 +31,8 @@ ViT-S step) and the ``dist.all_reduce`` of the teacher's batch center (the ident
 
 ``StepOptions`` switches the individual costs off, one by one, which is how benchmarks/throughput.py
 builds its "tuned" variants from the same code: SDPA attention, bf16 autocast without a scaler,
-fused AdamW, foreach clipping with the official per-parameter semantics but no host syncs, a
-foreach EMA, and ``torch.compile`` of both backbones.
+fused AdamW, the official per-parameter clipping without host syncs (dino_fast's
+``clip_gradients_``), a foreach EMA, and ``torch.compile`` of both backbones.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from dino_fast.official.training import (
+    DINOLoss,
+    cancel_gradients_last_layer,
+    clip_gradients,
+    get_params_groups,
+    trunc_normal_,
+)
+from dino_fast.train import clip_gradients_
 
 # ----------------------------------------------------------------------------------------------
 # Vision Transformer (official module structure and parameter names)
@@ -174,8 +183,8 @@ class VisionTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
         self.apply(_init_linear_and_norm)
 
     def interpolate_pos_encoding(self, x: Tensor, w: int, h: int) -> Tensor:
@@ -216,7 +225,7 @@ class VisionTransformer(nn.Module):
 
 def _init_linear_and_norm(m: nn.Module) -> None:
     if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
+        trunc_normal_(m.weight, std=0.02)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):
@@ -303,89 +312,6 @@ class MultiCropWrapper(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Loss, clipping, parameter groups
-# ----------------------------------------------------------------------------------------------
-
-
-class DINOLoss(nn.Module):
-    """The official loss: per-pair Python loop, each pair's own log_softmax, center EMA buffer.
-    ``teacher_temp`` is passed per call (the official module looks it up in its epoch schedule)."""
-
-    def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def forward(self, student_output: Tensor, teacher_output: Tensor, teacher_temp: float) -> Tensor:
-        student_out = (student_output / self.student_temp).chunk(self.ncrops)
-        teacher_out = F.softmax((teacher_output - self.center) / teacher_temp, dim=-1).detach().chunk(2)
-        total_loss: Tensor | float = 0.0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue  # a view is never compared with itself
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss = total_loss + loss.mean()
-                n_loss_terms += 1
-        total_loss = total_loss / n_loss_terms
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: Tensor) -> None:
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-
-
-def get_params_groups(model: nn.Module) -> list[dict]:
-    """Weight decay on matrices only: biases and 1-d parameters (norms) are not regularized."""
-    regularized, not_regularized = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(".bias") or len(param.shape) == 1:
-            not_regularized.append(param)
-        else:
-            regularized.append(param)
-    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
-
-
-def clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """Official per-parameter clipping: each gradient is scaled to norm ``clip`` if larger.
-    ``.item()`` and the Python ``<`` on a device tensor each wait for the device, per parameter."""
-    norms = []
-    for p in model.parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
-
-
-def clip_gradients_foreach(model: nn.Module, clip: float) -> None:
-    """The same per-parameter rule without host syncs: multiplying by min(coef, 1) is exactly
-    the official "multiply if coef < 1" (a product with 1.0 is exact)."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    coefs = torch.stack(torch._foreach_norm(grads)).add_(1e-6).reciprocal_().mul_(clip).clamp_(max=1.0)
-    torch._foreach_mul_(grads, list(coefs.unbind(0)))
-
-
-def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
-    if epoch >= freeze_last_layer:
-        return
-    for name, p in model.named_parameters():
-        if "last_layer" in name:
-            p.grad = None
-
-
-# ----------------------------------------------------------------------------------------------
 # The training step
 # ----------------------------------------------------------------------------------------------
 
@@ -431,13 +357,22 @@ TUNED = StepOptions(
 
 
 @dataclass(frozen=True)
+class LossSpec:
+    """DINOLoss's teacher temperature schedule, per epoch (main_dino.py's defaults)."""
+
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    epochs: int = 100
+
+
+@dataclass(frozen=True)
 class Hyper:
     """Schedule values of one iteration (the official loop reads them from its schedules)."""
 
     lr: float
     weight_decay: float
     momentum: float
-    teacher_temp: float
     epoch: int = 1  # >= freeze_last_layer: the steady state, in which the last layer trains
     clip_grad: float = 3.0
     freeze_last_layer: int = 1
@@ -478,6 +413,7 @@ class TrainStep:
         device: torch.device,
         ncrops: int,
         dtype: torch.dtype = torch.float32,
+        loss: LossSpec = LossSpec(),
     ) -> None:
         """``dtype`` is that of the weights (fp32, as official; fp64 lets tests compare variants
         without Adam amplifying rounding noise in near-zero gradients)."""
@@ -503,7 +439,14 @@ class TrainStep:
             # recompile when the second resolution arrives.
             self.student.backbone.compile(dynamic=False)
             self.teacher.backbone.compile(dynamic=False)
-        self.dino_loss = DINOLoss(spec.out_dim, ncrops).to(device, dtype)
+        self.dino_loss = DINOLoss(
+            spec.out_dim,
+            ncrops,
+            loss.warmup_teacher_temp,
+            loss.teacher_temp,
+            loss.warmup_teacher_temp_epochs,
+            loss.epochs,
+        ).to(device, dtype)
         groups = get_params_groups(self.student)
         # lr and weight decay are overwritten every step from the schedules, as in the official loop.
         if options.optimizer_impl == "fused":
@@ -527,7 +470,7 @@ class TrainStep:
         with torch.autocast(self.device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
             teacher_output = self.teacher(crops[:2])  # only the 2 global views pass through the teacher
             student_output = self.student(crops)
-            loss = self.dino_loss(student_output, teacher_output, hp.teacher_temp)
+            loss = self.dino_loss(student_output, teacher_output, hp.epoch)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"loss is {loss_value}; the official loop stops training here")
@@ -566,7 +509,7 @@ class TrainStep:
         if self.options.clip_impl == "per_param_sync":
             clip_gradients(self.student, clip)
         else:
-            clip_gradients_foreach(self.student, clip)
+            clip_gradients_(self.student.parameters(), clip)
 
 
 def official_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, Tensor]:
@@ -584,6 +527,7 @@ __all__ = [
     "DINOHead",
     "DINOLoss",
     "Hyper",
+    "LossSpec",
     "ModelSpec",
     "MultiCropWrapper",
     "StepOptions",
@@ -591,7 +535,6 @@ __all__ = [
     "VisionTransformer",
     "build_student_teacher",
     "clip_gradients",
-    "clip_gradients_foreach",
     "get_params_groups",
     "official_state_dict",
     "vit",

@@ -30,7 +30,8 @@ Variants:
 - ``tuned+compile``: ``tuned`` with both backbones under ``torch.compile`` (one static graph per
   crop resolution).
 - ``dino_fast``: ``dino_fast.train.Trainer.step`` with its default settings (bf16, one multi-crop
-  backbone call, fused DINO loss and EMA kernels, sync-free step with global-norm clipping).
+  backbone call, fused DINO loss and EMA kernels, the official per-parameter clipping computed
+  on the device: a sync-free step).
 - ``dino_fast+compile``: the same with ``compile=True``; ``dino_fast+cudagraphs``: compiled with
   ``mode="reduce-overhead"`` (CUDA graphs); ``dino_fast+fp16`` (not in the default list): the
   official precision (fp16 + GradScaler) in dino_fast's step.
@@ -84,7 +85,17 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(1, _REPO_ROOT)
 
-from official_dino import ARCHS, OFFICIAL, OFFICIAL_FP32, TUNED, Hyper, ModelSpec, StepOptions, TrainStep  # noqa: E402
+from official_dino import (  # noqa: E402
+    ARCHS,
+    OFFICIAL,
+    OFFICIAL_FP32,
+    TUNED,
+    Hyper,
+    LossSpec,
+    ModelSpec,
+    StepOptions,
+    TrainStep,
+)
 from official_dino import official_state_dict as make_official_state_dict  # noqa: E402
 from timing import environment, measure, write_json  # noqa: E402
 
@@ -439,11 +450,14 @@ class Context:
             lr=s.lr,
             weight_decay=s.weight_decay,
             momentum=s.momentum,
-            teacher_temp=s.teacher_temp,
             epoch=s.epoch,
             clip_grad=self.config.clip_grad,
             freeze_last_layer=self.config.freeze_last_layer,
         )
+
+    def loss_spec(self) -> LossSpec:
+        c = self.config
+        return LossSpec(c.warmup_teacher_temp, c.teacher_temp, c.warmup_teacher_temp_epochs, c.epochs)
 
     def model_spec(self, drop_path_rate: float) -> ModelSpec:
         c = self.config
@@ -499,7 +513,12 @@ class OfficialFamilyRunner:
         self.ctx = ctx
         self.options = official_options(variant, ctx.device)
         self.train_step = TrainStep(
-            ctx.model_spec(drop_path_rate), self.options, ctx.state_dict, ctx.device, ctx.config.ncrops
+            ctx.model_spec(drop_path_rate),
+            self.options,
+            ctx.state_dict,
+            ctx.device,
+            ctx.config.ncrops,
+            loss=ctx.loss_spec(),
         )
 
     @property

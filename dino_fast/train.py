@@ -2,29 +2,30 @@
 
 The algorithm is the official ``main_dino.py`` one, iteration for iteration:
 
-- teacher (a copy of the student without drop path, no gradients) on the 2 global crops;
-  student on all crops through one multi-crop backbone call, then the head;
+- student and teacher built in the official order from ``--seed`` (student backbone, teacher
+  backbone, student head, teacher head), so a seed gives the official initial weights; the
+  teacher (no drop path, no gradients) starts as the student's copy; with batch norms in the
+  head both become SyncBatchNorm and the teacher runs under DDP, as official;
+- teacher on the 2 global crops; student on all crops through one multi-crop backbone call,
+  then the head;
 - DINOLoss (centering + sharpening + multi-crop cross-entropy, fused kernels inside), with
   the teacher temperature of the current epoch;
-- backward, the head's last layer gradient dropped during the first ``freeze_last_layer``
-  epochs, gradient clipping, AdamW with the official parameter groups (no weight decay on
-  biases and 1-D parameters), the teacher updated by EMA;
+- backward; under fp16 the gradients unscaled; each parameter's gradient clipped on its own
+  (``utils.clip_gradients``); the head's last layer gradient dropped during the first
+  ``freeze_last_layer`` epochs; AdamW with the official parameter groups (no weight decay on
+  biases and 1-D parameters); the teacher updated by EMA;
 - learning rate, weight decay and EMA momentum read from per-iteration schedules
   precomputed on the host (dino_fast.schedules).
 
 What differs from the official loop, and why:
 
-- gradient clipping is over the *global* norm of all student gradients (one fused
-  ``clip_grad_norm_(foreach=True)``, no host sync), not per parameter as the official
-  ``utils.clip_gradients`` does (it reads each norm with ``.item()``). With the same
-  threshold the global clip is the stricter one; clipped steps point in the unclipped
-  direction. The frozen last layer's gradient is dropped *before* the clip so it does
-  not count in the norm (it is not applied anyway).
-- the step never syncs with the host: the loss and a non-finite flag are read one log
-  interval later (dino_fast.progress); a non-finite loss stops the run there, and no
-  checkpoint is written after it, so the last good one stays.
+- the step never syncs with the host: the clip computes every norm and coefficient on the
+  device (the official code reads each norm with ``.item()``); the loss and a non-finite flag
+  are read one log interval later (dino_fast.progress); a non-finite loss stops the run there,
+  and no checkpoint is written after it, so the last good one stays.
 - bf16 autocast by default (fp16 + GradScaler with ``--use_fp16 true`` or ``--precision
   fp16``), fused AdamW, DINOLoss/TeacherEMA from dino_fast's fused kernels, SDPA attention.
+- ``--clip_grad_mode global`` clips the global norm instead (not the default).
 - checkpoints are also written every ``--ckpt_minutes`` minutes, atomically, with the
   iteration, data position and RNG states, so a resumed run continues exactly.
 """
@@ -37,14 +38,14 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from dino_fast import distributed
 from dino_fast.checkpoint import (
@@ -130,6 +131,25 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-g["lr"])
 
 
+@torch.no_grad()
+def clip_gradients_(parameters: Iterable[Tensor], clip: float) -> None:
+    """The official ``utils.clip_gradients`` computed on the device, without host syncs: each
+    gradient on its own is multiplied by ``clip / (norm + 1e-6)`` where that is below 1."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return
+    grads = [p.grad for p in params]
+    coefs = torch._foreach_norm(grads)
+    torch._foreach_add_(coefs, 1e-6)
+    # clip * (1 / x) is how torch computes the official ``clip / tensor``: the same rounding.
+    torch._foreach_reciprocal_(coefs)
+    torch._foreach_mul_(coefs, clip)
+    stacked = torch.stack(coefs)
+    # A NaN coefficient fails ``< 1`` and leaves its gradient alone, as the official ``if`` does.
+    stacked = torch.where(stacked < 1, stacked, 1.0)
+    torch._foreach_mul_(grads, list(stacked.unbind()))
+
+
 def build_optimizer(name: str, groups: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     if name == "adamw":
         # Fused AdamW (one kernel for all parameters) where torch has it; foreach otherwise.
@@ -150,22 +170,57 @@ def build_optimizer(name: str, groups: list[dict[str, Any]], device: torch.devic
 # ----------------------------------------------------------------------------------------
 
 
-def build_dino_model(config: TrainConfig, *, drop_path_rate: float) -> nn.Module:
+def build_backbone(config: TrainConfig, *, drop_path_rate: float) -> nn.Module:
+    """A freshly initialized ``config.arch`` ViT (the official ``vits.__dict__[arch]`` call)."""
     from dino_fast import models
 
     factory = getattr(models, config.arch, None)
     if factory is None:
         raise ConfigError(f"--arch {config.arch!r} is not provided by dino_fast.models")
-    backbone = factory(
+    return factory(
         patch_size=config.patch_size, drop_path_rate=drop_path_rate, attn_backend=config.attn_backend
     )
-    head = models.DINOHead(
-        backbone.embed_dim,
-        config.out_dim,
-        use_bn=config.use_bn_in_head,
-        norm_last_layer=config.norm_last_layer,
+
+
+def build_head(config: TrainConfig, embed_dim: int, *, norm_last_layer: bool) -> nn.Module:
+    """A freshly initialized DINOHead on ``embed_dim`` features (the official ``DINOHead(...)``)."""
+    from dino_fast import models
+
+    return models.DINOHead(
+        embed_dim, config.out_dim, use_bn=config.use_bn_in_head, norm_last_layer=norm_last_layer
     )
-    return models.DINOModel(backbone, head)
+
+
+def build_dino_model(config: TrainConfig, *, drop_path_rate: float) -> nn.Module:
+    """One backbone + head (to load a checkpoint into, say); a run builds two with
+    :func:`build_student_teacher`."""
+    from dino_fast import models
+
+    backbone = build_backbone(config, drop_path_rate=drop_path_rate)
+    return models.DINOModel(
+        backbone, build_head(config, backbone.embed_dim, norm_last_layer=config.norm_last_layer)
+    )
+
+
+def build_student_teacher(config: TrainConfig) -> tuple[nn.Module, nn.Module]:
+    """Student and teacher drawn in ``train_dino``'s order (both backbones, then both heads), so that
+    after ``torch.manual_seed(seed)`` the weights are the official ones bitwise. The teacher has no
+    drop path and still holds its own initialization: load the student's weights into it."""
+    from dino_fast import models
+
+    student_backbone = build_backbone(config, drop_path_rate=config.drop_path_rate)
+    teacher_backbone = build_backbone(config, drop_path_rate=0.0)
+    embed_dim = student_backbone.embed_dim
+    student = models.DINOModel(
+        student_backbone, build_head(config, embed_dim, norm_last_layer=config.norm_last_layer)
+    )
+    # The official teacher head keeps DINOHead's default norm_last_layer (it has no gradients anyway).
+    teacher = models.DINOModel(teacher_backbone, build_head(config, embed_dim, norm_last_layer=True))
+    return student, teacher
+
+
+def has_batchnorms(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 class Trainer:
@@ -173,7 +228,8 @@ class Trainer:
 
     ``Trainer(config, device, world_size=..., rank=..., steps_per_epoch=...)``. Under an initialized
     ``torch.distributed`` process group with ``world_size > 1`` the student is wrapped in DDP
-    (``student_ddp``); ``student`` is always the bare module. ``step(batch, iteration)`` runs one
+    (``student_ddp``), and so is the teacher when the head has batch norms (``teacher_ddp``);
+    ``student`` and ``teacher`` are always the bare modules. ``step(batch, iteration)`` runs one
     training iteration on a ``MultiCropBatch`` and returns the loss as a device tensor without
     reading it.
     """
@@ -200,18 +256,29 @@ class Trainer:
         self.precision = config.resolved_precision()
         self.amp_dtype = AMP_DTYPES[self.precision]
 
-        # Same initialization on every rank (the official fix_random_seeds(args.seed)); DDP
-        # broadcasts rank 0's weights anyway.
+        # The official fix_random_seeds(args.seed), the same on every rank, then the official
+        # construction order: the same seed gives the official initial weights.
         torch.manual_seed(config.seed)
-        student = build_dino_model(config, drop_path_rate=config.drop_path_rate)
-        # Official: the teacher is built without stochastic depth and starts as the student's copy.
-        teacher = build_dino_model(config, drop_path_rate=0.0)
+        student, teacher = build_student_teacher(config)
         teacher.load_state_dict(student.state_dict())
         student.to(self.device)
         teacher.to(self.device)
-        if config.use_bn_in_head and world_size > 1:
+        with_batchnorms = has_batchnorms(student)
+        if with_batchnorms:
+            if world_size > 1 and self.device.type == "cpu":
+                raise ConfigError(
+                    "--use_bn_in_head true with several CPU processes: the official code synchronizes the "
+                    "head's batch norms with SyncBatchNorm, which runs on GPUs only; train on GPUs, in one "
+                    "process, or with --use_bn_in_head false"
+                )
             student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
             teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+        # The teacher runs under DDP when it has batch norms, as official (DDP broadcasts their
+        # statistics from rank 0); it is wrapped while its parameters still require gradients,
+        # because DDP refuses a module without any.
+        self.teacher_ddp: nn.Module = teacher
+        if with_batchnorms and world_size > 1 and distributed.is_initialized():
+            self.teacher_ddp = nn.parallel.DistributedDataParallel(teacher, device_ids=self._ddp_ids())
         teacher.requires_grad_(False)
         self.student = student
         self.teacher = teacher
@@ -222,8 +289,7 @@ class Trainer:
 
         self.student_ddp: nn.Module = student
         if world_size > 1 and distributed.is_initialized():
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=ids)
+            self.student_ddp = nn.parallel.DistributedDataParallel(student, device_ids=self._ddp_ids())
         if config.compile:
             # The attention probes cannot run inside a trace: settle them now, so that a compiled
             # run can still choose packed varlen attention or xformers.
@@ -249,6 +315,9 @@ class Trainer:
         self._last_layer_params = [p for n, p in student.named_parameters() if "last_layer" in n]
         self._clip_params = [p for p in student.parameters() if p.requires_grad]
 
+    def _ddp_ids(self) -> list[int] | None:
+        return [self.device.index] if self.device.type == "cuda" else None
+
     # -- the step ------------------------------------------------------------------------
     def autocast(self) -> AbstractContextManager[Any]:
         if self.amp_dtype is None:
@@ -269,25 +338,32 @@ class Trainer:
         global_crops, local_crops = batch.global_crops, batch.local_crops
         with self.autocast():
             with torch.no_grad():
-                teacher_output = self.teacher(global_crops)  # only the 2 global views
+                teacher_output = self.teacher_ddp(global_crops)  # only the 2 global views
             student_output = self.student_ddp(global_crops, local_crops)
             loss = self.dino_loss(student_output, teacher_output, s.epoch)
 
+        # The official order: unscale, clip (the frozen last layer's gradient too), drop that
+        # gradient, step.
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
-        if s.epoch < self.config.freeze_last_layer:
-            for p in self._last_layer_params:
-                p.grad = None
         if self.config.clip_grad:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
-            grads = [p for p in self._clip_params if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(
-                grads, self.config.clip_grad, foreach=True, error_if_nonfinite=False
-            )
+            if self.config.clip_grad_mode == "global":
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self._clip_params if p.grad is not None],
+                    self.config.clip_grad,
+                    foreach=True,
+                    error_if_nonfinite=False,
+                )
+            else:
+                clip_gradients_(self._clip_params, self.config.clip_grad)
+        if s.epoch < self.config.freeze_last_layer:
+            for p in self._last_layer_params:
+                p.grad = None
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -476,7 +552,8 @@ def _summary(
         f"{config.warmup_teacher_temp_epochs} ep; center momentum {config.center_momentum:g}",
         f"  optim: {type(trainer.optimizer).__name__}"
         f"{' (fused)' if trainer.optimizer.defaults.get('fused') else ''}, clip {config.clip_grad:g} "
-        f"(global norm), freeze last layer {config.freeze_last_layer} ep, precision {trainer.precision}, "
+        f"({'global norm' if config.clip_grad_mode == 'global' else 'per parameter'}), "
+        f"freeze last layer {config.freeze_last_layer} ep, precision {trainer.precision}, "
         f"compile {config.compile_mode if config.compile else 'off'}",
         f"  kernels: {_kernel_choices(config, trainer)}",
         f"  run: iterations {start_iteration} -> {end_iteration}"
@@ -833,8 +910,8 @@ def knn_evaluation(result: TrainResult, *, k: int = 20) -> None:
         return
     trainer = result.trainer
     config = trainer.config
-    torch.manual_seed(config.seed)  # the initialization the run started from
-    random_init = build_dino_model(config, drop_path_rate=0.0).backbone.to(trainer.device)
+    torch.manual_seed(config.seed)  # the student backbone is the first thing a run draws
+    random_init = build_backbone(config, drop_path_rate=0.0).to(trainer.device)
     kwargs: dict[str, Any] = {
         "device": trainer.device,
         "nb_knn": (k,),

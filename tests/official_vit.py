@@ -1,6 +1,7 @@
 """The oracle: the official DINO ViT, DINOHead and MultiCropWrapper, transcribed from the algorithm
 of facebookresearch/dino (vision_transformer.py, utils.MultiCropWrapper) with its parameter
-names and its explicit attention. Independent of dino_fast (nothing imported from it).
+names and its explicit attention. Independent of dino_fast: it imports only the official
+transcription in dino_fast.official (utils.trunc_normal_, which vision_transformer.py imports too).
 
 ``vit_large`` is not in the official file; it is built the same way (1024-d, 24 blocks, 16 heads).
 """
@@ -13,6 +14,8 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+
+from dino_fast.official.training import trunc_normal_
 
 
 def drop_path(x, drop_prob: float = 0.0, training: bool = False):
@@ -176,13 +179,13 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
         elif isinstance(m, nn.LayerNorm):
@@ -308,7 +311,7 @@ class DINOHead(nn.Module):
 
     def _init_weights(self, m):
         if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
+            trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.constant_(m.bias, 0)
 

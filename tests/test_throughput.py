@@ -95,37 +95,14 @@ def test_official_loss_and_center_match_formulas(batch: int, ncrops: int, dim: i
     gen = torch.Generator().manual_seed(ncrops)
     student = torch.randn(ncrops * batch, dim, generator=gen, dtype=torch.float64) * 3
     teacher = torch.randn(2 * batch, dim, generator=gen, dtype=torch.float64) * 3
-    loss_fn = od.DINOLoss(dim, ncrops).double()
+    # Epoch 1 of a 0.03 -> 0.05 warmup over 2 epochs: the schedule's second entry, 0.05.
+    loss_fn = od.DINOLoss(dim, ncrops, 0.03, 0.05, 2, 3).double()
     loss_fn.center = torch.randn(1, dim, generator=gen, dtype=torch.float64)
     center = loss_fn.center.clone()
-    loss = loss_fn(student, teacher, teacher_temp=0.05)
+    loss = loss_fn(student, teacher, 1)
     expected = official_dino_loss(student, teacher, center, ncrops=ncrops, teacher_temp=0.05)
     torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(loss_fn.center, official_center_update(center, teacher, 0.9))
-
-
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_foreach_clip_equals_official_per_parameter_clip(dtype: torch.dtype) -> None:
-    gen = torch.Generator().manual_seed(1)
-    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.Linear(3, 1)).to(dtype)
-    scales = [10.0, 0.01, 1.0, 0.0, 50.0]  # above, below and near the threshold, and an all-zero gradient
-    params = list(model.parameters())
-    for p, scale in zip(params, scales, strict=False):
-        p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * scale
-    params[-1].grad = None  # a parameter without gradient is skipped by both
-    official = [None if p.grad is None else p.grad.clone() for p in params]
-    reference = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    for r, g in zip(reference, official, strict=True):
-        r.grad = g
-    od.clip_gradients(torch.nn.ParameterList(reference), 3.0)
-    od.clip_gradients_foreach(model, 3.0)
-    for p, r in zip(params, reference, strict=True):
-        if r.grad is None:
-            assert p.grad is None
-        else:
-            torch.testing.assert_close(p.grad, r.grad, rtol=0, atol=0)
-    norms = [p.grad.norm() for p in params if p.grad is not None]
-    assert max(norms) <= 3.0 * (1 + 1e-6) and min(norms) == 0.0
 
 
 @pytest.mark.parametrize("tokens", [2, 37, 197])  # a local 16 px crop, a 96 px one, a 224 px one
@@ -156,7 +133,7 @@ def test_official_student_loads_into_dino_fast_model_and_agrees() -> None:
 # Whole steps
 # ---------------------------------------------------------------------------------------------
 
-HYPER = od.Hyper(lr=1e-3, weight_decay=0.04, momentum=0.9, teacher_temp=0.04)
+HYPER = od.Hyper(lr=1e-3, weight_decay=0.04, momentum=0.9)
 
 
 def run_steps(

@@ -24,7 +24,8 @@ import torch
 from dino_fast import train as train_mod
 from dino_fast.checkpoint import load_checkpoint
 from dino_fast.config import ConfigError, TrainConfig
-from dino_fast.train import NonFiniteLossError, Trainer, get_params_groups, train
+from dino_fast.official.training import clip_gradients as official_clip_gradients
+from dino_fast.train import NonFiniteLossError, Trainer, clip_gradients_, get_params_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,10 +101,15 @@ def test_teacher_starts_as_student_copy_without_grad(tmp_path):
         assert not torch.equal(t.student(x), t.student(x))
 
 
-def test_step_matches_official_update(tmp_path):
-    """One step against the official sequence written out by hand: schedules, frozen last layer,
-    global-norm clip, AdamW with the two parameter groups, EMA."""
-    cfg = smoke(tmp_path, drop_path_rate=0.0, clip_grad=0.05, lr=0.3)  # a clip that is sure to bite
+@pytest.mark.parametrize(
+    ("clip_grad_mode", "clip_grad"),
+    [("per_param", 0.5), ("global", 0.05)],  # thresholds that bite: on some parameters / on the total
+)
+def test_step_matches_official_update(tmp_path, clip_grad_mode, clip_grad):
+    """One step against the official sequence written out by hand: schedules, the clip (per
+    parameter, or of the global norm), then the frozen last layer's gradient dropped, AdamW with
+    the two parameter groups, EMA."""
+    cfg = smoke(tmp_path, drop_path_rate=0.0, clip_grad=clip_grad, clip_grad_mode=clip_grad_mode, lr=0.3)
     t = make_trainer(cfg)
     ref_student = copy.deepcopy(t.student)
     ref_teacher = copy.deepcopy(t.teacher)
@@ -123,14 +129,22 @@ def test_step_matches_official_update(tmp_path):
     student_out = ref_student(batch.global_crops, batch.local_crops)
     expected_loss = ref_loss(student_out, teacher_out, s.epoch)
     expected_loss.backward()
+    grads = [p.grad for p in ref_student.parameters() if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g) for g in grads]
+    if clip_grad_mode == "per_param":
+        assert any(n > clip_grad for n in norms) and any(n < clip_grad for n in norms)
+        for g, norm in zip(grads, norms, strict=True):
+            coef = clip_grad / (norm + 1e-6)
+            if coef < 1:
+                g.mul_(coef)
+    else:
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        assert total > clip_grad
+        for g in grads:
+            g.mul_(clip_grad / (total + 1e-6))
     for n, p in ref_student.named_parameters():
         if "last_layer" in n:
             p.grad = None
-    grads = [p.grad for p in ref_student.parameters() if p.grad is not None]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-    assert total > cfg.clip_grad  # the clip is exercised
-    for g in grads:
-        g.mul_(cfg.clip_grad / (total + 1e-6))
     opt.step()
     with torch.no_grad():
         for pt, ps in zip(ref_teacher.parameters(), ref_student.parameters(), strict=True):
@@ -142,6 +156,64 @@ def test_step_matches_official_update(tmp_path):
     for (name, a), b in zip(t.teacher.named_parameters(), ref_teacher.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"teacher {name}")
     torch.testing.assert_close(t.dino_loss.center, ref_loss.center)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_clip_gradients_equals_the_official_rule_bitwise(dtype):
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(7, 5), (5,), (3, 5), (3,), (2, 3), (4, 4), (6,)]
+    # above, below and near the threshold, an all-zero gradient, one with inf, one with nan, none
+    scales = [10.0, 0.01, 1.0, 0.0, 1.0, 1.0, None]
+    ours = [torch.nn.Parameter(torch.zeros(shape, dtype=dtype)) for shape in shapes]
+    for p, scale in zip(ours, scales, strict=True):
+        if scale is not None:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * scale
+    ours[4].grad[0, 1] = float("inf")
+    ours[5].grad[2, 2] = float("nan")
+    theirs = torch.nn.ParameterList(torch.nn.Parameter(p.detach().clone()) for p in ours)
+    for p, q in zip(theirs, ours, strict=True):
+        p.grad = None if q.grad is None else q.grad.clone()
+
+    official_clip_gradients(theirs, 3.0)
+    clip_gradients_(ours, 3.0)
+    for p, q in zip(theirs, ours, strict=True):
+        if p.grad is None:
+            assert q.grad is None
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, equal_nan=True)
+    assert ours[0].grad.norm() <= 3.0 and ours[1].grad.norm() < 0.1  # clipped; left alone
+
+
+def test_clip_gradients_never_reads_a_value_on_the_host():
+    # Meta tensors have no values: any .item() or Python comparison of a norm would raise here.
+    params = [torch.nn.Parameter(torch.empty(shape, device="meta")) for shape in [(4, 3), (3,), (2, 2)]]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    clip_gradients_(params, 3.0)
+
+
+def test_clip_grad_mode_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="--clip_grad_mode 'norm': choose per_param"):
+        smoke(tmp_path, clip_grad_mode="norm").validate()
+
+
+def test_batchnorm_head_on_several_cpu_processes_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="SyncBatchNorm, which runs on GPUs only"):
+        Trainer(smoke(tmp_path, use_bn_in_head=True), torch.device("cpu"), world_size=2, steps_per_epoch=4)
+
+
+def test_batchnorm_head_trains_in_one_process(tmp_path):
+    # Converted to SyncBatchNorm as official; without a process group it normalizes over the batch.
+    cfg = smoke(tmp_path, use_bn_in_head=True, lr=0.05)
+    t = make_trainer(cfg)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in t.student.head.modules())
+    assert t.teacher_ddp is t.teacher  # DDP only under a process group
+    before = state_of(t.student)
+    loss = t.step(synthetic_batch(cfg), 5)
+    assert torch.isfinite(loss)
+    after = t.student.state_dict()
+    assert not torch.equal(before["head.mlp.1.weight"], after["head.mlp.1.weight"])  # BN affine trains
+    assert not torch.equal(before["head.mlp.1.running_mean"], after["head.mlp.1.running_mean"])
 
 
 @pytest.mark.parametrize("center_momentum", [0.0, 0.5])  # batch centering (the demo's), and a blend

@@ -52,9 +52,14 @@ def batch_for(config: TrainConfig, seed: int = 0):
     )
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16", "fp32"])
-def test_step_has_no_host_sync(tmp_path, precision):
-    cfg = gpu_config(tmp_path, precision=precision)
+@pytest.mark.parametrize(
+    ("precision", "clip_grad_mode"),
+    [("bf16", "per_param"), ("fp16", "per_param"), ("fp32", "per_param"), ("bf16", "global")],
+)
+def test_step_has_no_host_sync(tmp_path, precision, clip_grad_mode):
+    # Clipping on (under fp16 after the GradScaler's unscale_); the step computes every
+    # coefficient on the device whether or not a norm exceeds the threshold.
+    cfg = gpu_config(tmp_path, precision=precision, clip_grad=0.5, clip_grad_mode=clip_grad_mode)
     trainer = Trainer(cfg, CUDA, steps_per_epoch=4)
     metrics = AsyncMetrics(CUDA, cfg.batch_size_per_gpu)
     batch = batch_for(cfg)

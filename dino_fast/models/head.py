@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino_fast.models.init import init_weights
+
 __all__ = ["DINOHead", "WeightNormLinear"]
 
 
@@ -27,10 +29,12 @@ class WeightNormLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         # nn.Linear's default init for v; g = 1 as the DINO head sets it after weight_norm.
-        nn.init.kaiming_uniform_(self.weight_v, a=math.sqrt(5))
+        weight_v = nn.init.kaiming_uniform_(torch.empty(out_features, in_features), a=math.sqrt(5))
+        # Registered g first, as weight_norm does: the official parameter order, which optimizer
+        # state dicts index by.
         self.weight_g = nn.Parameter(torch.ones(out_features, 1))
+        self.weight_v = nn.Parameter(weight_v)
 
     @property
     def weight(self) -> Tensor:
@@ -74,17 +78,10 @@ class DINOHead(nn.Module):
                 layers.append(nn.GELU())
             layers.append(nn.Linear(hidden_dim, bottleneck_dim))
             self.mlp = nn.Sequential(*layers)
-        self.apply(self._init_weights)
+        self.apply(init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         if norm_last_layer:
             self.last_layer.weight_g.requires_grad = False
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)

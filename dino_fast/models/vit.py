@@ -40,6 +40,7 @@ from dino_fast.models.attention import (
     varlen_attention,
     varlen_unavailable_reason,
 )
+from dino_fast.models.init import init_weights, trunc_normal_
 from dino_fast.models.multicrop import (
     Groups,
     add_norm,
@@ -354,19 +355,10 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
+        # The official order of draws: every module's default init above, then these re-inits.
+        trunc_normal_(self.pos_embed, std=0.02)
+        trunc_normal_(self.cls_token, std=0.02)
+        self.apply(init_weights)
 
     @property
     def attn_backend(self) -> str:
