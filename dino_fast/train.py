@@ -507,7 +507,7 @@ def _gpu_mem_gib(device: torch.device) -> float | None:
 
 
 def _kernel_choices(config: TrainConfig, trainer: Trainer) -> str:
-    """Which implementation runs each fused part, as dino_fast.backends resolves it for this device."""
+    """Which implementation runs each fused part, as dino_fast.ops.backends resolves it for this device."""
     from dino_fast.ops import loss as loss_mod
     from dino_fast.ops.backends import available_backends, select_backend
 

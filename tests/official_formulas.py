@@ -1,5 +1,5 @@
 """Direct float64 transcriptions of the official DINO code's formulas (main_dino.py), kept
-in the official loop form so that dino_fast.reference is checked against something written
+in the official loop form so that dino_fast.ops.reference is checked against something written
 independently of it."""
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ What differs from the official code is how the tokens flow, not what is computed
   block never reach it). On CUDA each residual add (with its drop-path factor) and the LayerNorm
   after it run as one Triton kernel that writes the fp32 residual and the bf16 normed tokens
   (``fused_norm``).
-- Attention is pluggable (:mod:`dino_fast.attention`); ``get_last_selfattention`` always uses
+- Attention is pluggable (:mod:`dino_fast.models.attention`); ``get_last_selfattention`` always uses
   the explicit backend because it returns the weights.
 - Per-block methods ``Block.forward(x)`` on ``(B, N, D)`` keep the official computation step by
   step, and ``VisionTransformer.forward_unpacked`` chains them: the per-resolution reference.
@@ -365,7 +365,7 @@ class VisionTransformer(nn.Module):
         return self.blocks[0].attn.backend
 
     def set_attn_backend(self, backend: str) -> None:
-        """Switch every block's attention backend (a name from dino_fast.attention.BACKENDS)."""
+        """Switch every block's attention backend (a name from dino_fast.models.attention.BACKENDS)."""
         check_backend(backend)
         for blk in self.blocks:
             blk.attn.backend = backend
