@@ -3,7 +3,7 @@
 # (the machine's start, 1-2 min, included), at most 10 minutes per call, no network. Two calls,
 # each a list of steps with its own time budget; README.md, "The GPU check", gives the calls.
 #
-#   bash benchmarks/gpu_check.sh run1      # device call timeout 540 s; the steps take <= 500 s
+#   bash benchmarks/gpu_check.sh run1      # device call timeout 540 s; the steps take <= 510 s
 #   bash benchmarks/gpu_check.sh run2      # what is left: GPU_CHECK_BUDGET_S=<seconds> (default 240)
 #   bash benchmarks/gpu_check.sh run1 --dry-run   # CPU, tiny shapes: same steps, same files
 #   bash benchmarks/gpu_check.sh run1 --list      # the plan (steps, budgets) as JSON; runs nothing
@@ -232,6 +232,9 @@ info = {
                                         "wheel", "nvidia-dali-cuda130")},
 }
 if device == "cuda":
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    info["driver"] = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
     props = torch.cuda.get_device_properties(0)
     info.update(device=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
                 memory_gib=round(props.total_memory / 2**30, 1), gpus=torch.cuda.device_count())
