@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,22 @@ class CMakeExtension(Extension):
         super().__init__(name, sources=[])
 
 
+def find_tool(name: str, required: bool = True) -> str | None:
+    """pip's cmake/ninja of this Python's environment first (found through their modules, so also
+    when the venv is not activated or inherits its packages), then PATH: an older system cmake
+    (Debian 12's 3.25) cannot configure CUDA at C++20."""
+    dirs = [Path(sys.executable).parent]
+    try:
+        module = __import__(name)
+        dirs.append(Path(getattr(module, "CMAKE_BIN_DIR", None) or module.BIN_DIR))
+    except (ImportError, AttributeError):
+        pass
+    found = next((hit for d in dirs if (hit := shutil.which(name, path=str(d)))), None) or shutil.which(name)
+    if found is None and required:
+        raise RuntimeError(f"building dino_fast._C needs `{name}`: pip install {name}")
+    return found
+
+
 def find_nvcc() -> str | None:
     cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     candidates = [Path(cuda_home, "bin", "nvcc")] if cuda_home else []
@@ -41,6 +58,35 @@ def find_nvcc() -> str | None:
     if on_path:
         candidates.insert(0, Path(on_path))
     return next((str(c) for c in candidates if c.exists()), None)
+
+
+# The sources are C++17 and C++20 clean (CI builds them against torch 2.11 and 2.14); each build
+# uses the standard this torch's own headers demand, the one its own extensions are compiled with.
+def torch_cxx_standard(include_dir: Path) -> int:
+    """What ATen.h demands: "C++17 or later" in torch 2.11, "C++20 or later" in 2.14."""
+    text = (include_dir / "ATen" / "ATen.h").read_text(errors="replace")
+    demanded = [int(n) for n in re.findall(r"#\s*error\s+C\+\+(\d+) or later", text)]
+    return max([17, *demanded])
+
+
+def require_bdist_wheel() -> None:
+    """pip's editable and wheel builds run setuptools' bdist_wheel, which setuptools < 70.1 leaves
+    to the separate `wheel` package; --no-build-isolation does not install either, and the bare
+    error is "invalid command 'bdist_wheel'". Say what to install instead."""
+    wheel_commands = {"dist_info", "bdist_wheel", "editable_wheel"}
+    if not wheel_commands.intersection(sys.argv[1:]):
+        return
+    try:
+        from setuptools.command.bdist_wheel import bdist_wheel  # noqa: F401  (setuptools >= 70.1)
+    except ImportError:
+        try:
+            import wheel  # noqa: F401
+        except ImportError:
+            sys.exit(
+                "dino_fast: this setuptools has no bdist_wheel and the `wheel` package is missing, "
+                "which `pip install --no-build-isolation` does not install for you. Run "
+                "`pip install 'setuptools>=70.1' wheel` first (the README's install line does)."
+            )
 
 
 def cuda_archs_for_cmake() -> str:
@@ -79,11 +125,10 @@ class CMakeBuild(build_ext):
         nvcc = None if env_flag("DINO_FAST_NO_CUDA") else find_nvcc()
         with_cuda = torch.version.cuda is not None and nvcc is not None
         torch_lib_dir = Path(torch.__file__).parent / "lib"
-        # Our sources are C++17, but recent torch headers refuse anything below C++20.
-        aten_header = Path(torch.__file__).parent / "include" / "ATen" / "ATen.h"
-        cxx_standard = 20 if "C++20 or later" in aten_header.read_text() else 17
+        cxx_standard = torch_cxx_standard(Path(torch.__file__).parent / "include")
+        cmake = find_tool("cmake")
         configure = [
-            "cmake",
+            cmake,
             str(ROOT),
             f"-DCMAKE_BUILD_TYPE={'Debug' if self.debug else 'Release'}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={ext_dir}",
@@ -101,11 +146,12 @@ class CMakeBuild(build_ext):
                 f"-DCMAKE_CUDA_COMPILER={nvcc}",
                 f"-DCMAKE_CUDA_ARCHITECTURES={cuda_archs_for_cmake()}",
             ]
-        if shutil.which("ninja"):
-            configure += ["-G", "Ninja"]
+        ninja = find_tool("ninja", required=False)
+        if ninja:
+            configure += ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"]
         subprocess.run(configure, cwd=build_dir, check=True)
         jobs = str(os.cpu_count() or 1)
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
 
         # Written next to the module so dino_fast can compare torch versions *before* loading
         # the .so: a module built against another torch can crash at load time.
@@ -123,6 +169,7 @@ class CMakeBuild(build_ext):
                 shutil.copyfile(built, Path(inplace_file).parent / MANIFEST)
 
 
+require_bdist_wheel()
 ext_modules = [] if env_flag("DINO_FAST_NO_EXT") else [CMakeExtension("dino_fast._C")]
 
 setup(

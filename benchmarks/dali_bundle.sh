@@ -13,7 +13,13 @@
 #     carry=[".dali_parts/dali_wheels.tar.part00"]
 #     mkdir -p /tmp/dali_parts && cp .dali_parts/dali_wheels.tar.part00 /tmp/dali_parts/
 #
-# and the last call joins, checks, untars and installs, then runs the DALI GPU tests:
+# and then the GPU check's run 2 joins, checks, untars and installs them (its `dali` step calls
+# `dali_bundle.sh --install /tmp/dali_parts /tmp/gpu_check_dali_site`), then runs the DALI GPU
+# tests and benchmarks/data_loading.py:
+#
+#     DALI_PARTS_DIR=/tmp/dali_parts GPU_CHECK_BUDGET_S=360 bash benchmarks/gpu_check.sh run2
+#
+# By hand instead:
 #
 #     bash benchmarks/dali_bundle.sh --install /tmp/dali_parts /tmp/site
 #     PYTHONPATH=/tmp/site python -m pytest -q tests/test_data_gpu.py

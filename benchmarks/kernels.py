@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="anchor shapes (default on CUDA) instead of quick CPU-sized ones",
     )
     parser.add_argument("--json", default=None, help="also write every row and the environment here")
+    parser.add_argument(
+        "--once",
+        action="store_true",
+        help="call every implementation once, no warm-up (a dry run of the script: the times mean nothing)",
+    )
     return parser.parse_args(argv)
 
 
@@ -65,6 +70,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
+    if args.once:  # before the suites import it
+        import timing
+
+        timed = timing.measure
+        timing.measure = lambda fn, *, device, warmup=0, iters=1: timed(fn, device=device, warmup=0, iters=1)
     rows: list[dict] = []
     for suite in args.suites:
         try:
@@ -76,7 +86,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["suite"] = suite
             print(format_row(row), flush=True)
         rows.extend(suite_rows)
-    write_json(args.json, {"environment": environment(device), "rows": rows})
+        # Written after every suite: a run cut short (a time limit) still leaves what it measured.
+        write_json(args.json, {"environment": environment(device), "rows": rows})
     return rows
 
 

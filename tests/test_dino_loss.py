@@ -418,8 +418,11 @@ print(json.dumps(rows))
 def test_triton_kernels_compile_for_hopper():
     """The interpreter accepts code the compiler rejects, so the kernels are also compiled for sm_90
     (no GPU needed: triton ships ptxas) with the launch configuration a K=65536 call uses, and the
-    register budget the launch configuration was chosen for is held: no spills, and at most 128
-    registers for the bf16/fp32 anchors (>= 4 resident programs of 4 warps per SM)."""
+    register budget the launch configuration was chosen for is held: no spills in the training
+    dtypes (bf16/fp32/fp16), and at most 128 registers for the bf16/fp32 anchors (>= 4 resident
+    programs of 4 warps per SM). fp64 is for validation only: its kernels must compile, but how
+    many bytes they spill is the compiler's business (triton 3.6 spills 20 in the combine kernel,
+    3.8 none)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(
         [sys.executable, "-c", HOPPER_COMPILE_SCRIPT], capture_output=True, text=True, env=env, timeout=600
@@ -427,8 +430,10 @@ def test_triton_kernels_compile_for_hopper():
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(rows) == 12
+    assert {row["dtype"] for row in rows} == {"bf16", "fp32", "fp16", "fp64"}
     for row in rows:
-        assert row["spill_bytes"] == 0, row
+        if row["dtype"] != "fp64":
+            assert row["spill_bytes"] == 0, row
         if row["dtype"] in ("bf16", "fp32") and row["kernel"] != "_dino_loss_combine_kernel":
             assert row["registers"] <= 128, row
 

@@ -476,12 +476,21 @@ def test_multicrop_compiles_without_graph_breaks():
     g, loc = images(4, 64, seed=36), images(8, 32, seed=37)
     out = compiled(ours, g, loc)
     torch.testing.assert_close(out, models.multicrop_forward(ours, g, loc), atol=1e-5, rtol=1e-4)
-    out.sum().backward()
+    # A random cotangent, not out.sum(): the final LayerNorm's output sums to a constant per row
+    # (its weight is all ones here), so sum() sends analytically zero gradients into the blocks
+    # and the comparison would be of rounding noise (~1e-5), which differs across torch versions.
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(38))
+    out.backward(cotangent)
     grads = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
-    models.multicrop_forward(ours, g, loc).sum().backward()
+    models.multicrop_forward(ours, g, loc).backward(cotangent)
+    # Real gradients (largest entries 1 to 30) agree to fp32 summation order: within 1e-5 of each
+    # tensor's largest entry (seen: 5e-7), as an elementwise rtol fails on entries near zero.
     for n, p in ours.named_parameters():
-        torch.testing.assert_close(grads[n], p.grad, atol=1e-5, rtol=1e-4)
+        scale = p.grad.abs().max().item()
+        error = (grads[n] - p.grad).abs().max().item()
+        assert scale > 1e-2, n
+        assert error <= 1e-5 * scale, f"{n}: compiled and eager differ by {error:.3g} (largest {scale:.3g})"
     ours.train()  # drop path (rand inside the graph) must trace too
     assert compiled(ours, g, loc).shape == (12, 48)
 
