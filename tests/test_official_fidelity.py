@@ -28,12 +28,11 @@ import pytest
 import torch
 from test_schedules import official_cosine_scheduler
 
-from dino_fast import train as train_mod
-from dino_fast.config import TrainConfig
 from dino_fast.data import MultiCropBatch
 from dino_fast.models.init import trunc_normal_
 from dino_fast.official import training as official
-from dino_fast.train import Trainer
+from dino_fast.train import TrainConfig, Trainer
+from dino_fast.train import trainer as train_mod
 
 STEPS = 10
 STEPS_PER_EPOCH = 4

@@ -9,8 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from dino_fast.config import TrainConfig
-from dino_fast.schedules import build_schedules, cosine_scheduler, teacher_temp_schedule
+from dino_fast.train import TrainConfig
+from dino_fast.train.schedules import build_schedules, cosine_scheduler, teacher_temp_schedule
 
 
 def official_cosine_scheduler(

@@ -21,11 +21,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_fast import train as train_mod
 from dino_fast.checkpoint import load_checkpoint
-from dino_fast.config import ConfigError, TrainConfig
 from dino_fast.official.training import clip_gradients as official_clip_gradients
-from dino_fast.train import NonFiniteLossError, Trainer, clip_gradients_, get_params_groups, train
+from dino_fast.train import (
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    clip_gradients_,
+    get_params_groups,
+    train,
+)
+from dino_fast.train import trainer as train_mod
 
 REPO = Path(__file__).resolve().parents[1]
 

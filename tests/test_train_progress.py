@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from dino_fast.progress import AsyncMetrics, IntervalStats, ProgressReporter
+from dino_fast.train.progress import AsyncMetrics, IntervalStats, ProgressReporter
 
 
 def test_async_metrics_intervals():
@@ -84,7 +84,7 @@ def test_plain_log_lines_without_a_terminal(tmp_path, caplog):
         total_iterations=4, start_iteration=0, niter_per_ep=4, jsonl_path=None, enabled=True, stream=stream
     )
     assert not rep.use_bar
-    with caplog.at_level(logging.INFO, logger="dino_fast.progress"):
+    with caplog.at_level(logging.INFO, logger="dino_fast.train.progress"):
         rep.report(_stats(1, loss=float("nan")), SCHEDULE, gpu_mem_gib=None)
     rep.close()
     assert stream.getvalue() == ""

@@ -57,10 +57,10 @@ from dino_fast.checkpoint import (
     load_checkpoint,
     restore_rng_state,
 )
-from dino_fast.config import ConfigError, TrainConfig, parse_args
 from dino_fast.models import attention
-from dino_fast.progress import AsyncMetrics, IntervalStats, ProgressReporter, append_json_line
-from dino_fast.schedules import Schedules, build_schedules
+from dino_fast.train.config import ConfigError, TrainConfig, parse_args
+from dino_fast.train.progress import AsyncMetrics, IntervalStats, ProgressReporter, append_json_line
+from dino_fast.train.schedules import Schedules, build_schedules
 
 logger = logging.getLogger("dino_fast.train")
 
@@ -940,7 +940,3 @@ def _print_final_summary(result: TrainResult) -> None:
     for key, value in result.extra.items():
         lines.append(f"{key}: {value}")
     print("\n".join(lines))  # the CLI's own summary on stdout
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from dino_fast.config import TrainConfig
+    from dino_fast.train.config import TrainConfig
 
 
 def cosine_scheduler(
