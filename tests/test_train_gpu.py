@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dino_fast.train import TrainConfig, Trainer, train
-from dino_fast.train.progress import AsyncMetrics
+from dino_fast.train.metrics import AsyncMetrics
 
 pytestmark = pytest.mark.gpu
 
