@@ -11,7 +11,8 @@ without host syncs), loop (the training loop), summary, run (``train``), knn_hoo
 """
 
 from dino_fast.train.cli import main
-from dino_fast.train.config import ConfigError, TrainConfig, parse_args
+from dino_fast.train.command_line import parse_args
+from dino_fast.train.config import ConfigError, TrainConfig
 from dino_fast.train.loader import build_augmentation, build_loader
 from dino_fast.train.loop import NonFiniteLossError
 from dino_fast.train.model import build_dino_model

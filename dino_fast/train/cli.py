@@ -10,7 +10,8 @@ from pathlib import Path
 
 from dino_fast import distributed
 from dino_fast.checkpoint import CHECKPOINT_NAME, CheckpointWriteError
-from dino_fast.train.config import ConfigError, parse_args
+from dino_fast.train.command_line import parse_args
+from dino_fast.train.config import ConfigError
 from dino_fast.train.knn_hook import knn_evaluation
 from dino_fast.train.loop import NonFiniteLossError
 from dino_fast.train.run import TrainResult, train
