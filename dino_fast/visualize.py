@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from dino_fast.errors import run_command
-from dino_fast.eval.attention_maps import main
+from dino_fast.eval.attention_maps import command
 
 if __name__ == "__main__":
-    sys.exit(run_command(main))
+    sys.exit(command())

@@ -376,7 +376,7 @@ def test_nonfinite_loss_caught_at_log_interval(tmp_path, monkeypatch):
     assert not (Path(cfg.output_dir) / "checkpoint.pth").exists()
 
 
-def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, caplog):
+def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
     assert main([*argv, "--max_steps", "2"]) == 0
@@ -386,8 +386,9 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, 
 
     monkeypatch.setattr("dino_fast.checkpoint.torch.save", full_disk_save)
     assert main([*argv, "--max_steps", "4"]) == 1
-    assert "previous checkpoint.pth is intact" in caplog.text
-    assert "resumes from the last checkpoint" in caplog.text
+    stderr = capsys.readouterr().err  # the command's one error line (dino_fast.errors.run_command)
+    assert "previous checkpoint.pth is intact" in stderr
+    assert "resumes from the last checkpoint" in stderr
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 2
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no temporary left behind
 

@@ -1,4 +1,4 @@
-"""The training command line: parse the flags, train, print where the results are."""
+"""The training command: parse the flags, train, print where the results are."""
 
 from __future__ import annotations
 
@@ -8,15 +8,41 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dino_fast import distributed
 from dino_fast.checkpoint import CHECKPOINT_NAME, CheckpointWriteError
+from dino_fast.errors import UserError, run_command
 from dino_fast.train.command_line import parse_args
-from dino_fast.train.config import ConfigError
 from dino_fast.train.knn_hook import knn_evaluation
-from dino_fast.train.loop import NonFiniteLossError
 from dino_fast.train.run import TrainResult, train
 
-logger = logging.getLogger(__name__)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m dino_fast.train`` (and ``dino-fast-train``): train as the flags say; the exit status.
+
+    A bad flag exits with argparse's status 2; a failure the user can fix ends in one line
+    ``<command>: error: <message>`` and status 1, Ctrl-C in 130, each saying how to resume.
+    """
+    return run_command(train_from_command_line, argv)
+
+
+def train_from_command_line(argv: Sequence[str] | None = None) -> TrainResult:
+    """The command's work: raises what :func:`main` reports."""
+    config = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    _setup_logging(rank)
+    checkpoint = Path(config.output_dir) / CHECKPOINT_NAME
+    try:
+        result = train(config, on_finish=knn_evaluation if config.eval_knn else None)
+    except KeyboardInterrupt as exc:
+        if checkpoint.is_file():
+            raise KeyboardInterrupt(f"{checkpoint} is intact: run the same command again to resume") from exc
+        raise KeyboardInterrupt("before the first checkpoint; nothing to resume from") from exc
+    except CheckpointWriteError as exc:
+        raise UserError(
+            f"{exc} Then run the same command again: it resumes from the last checkpoint written."
+        ) from exc
+    if rank == 0:
+        print(final_summary(result))  # the command's own summary, on stdout
+    return result
 
 
 def _setup_logging(rank: int) -> None:
@@ -28,35 +54,8 @@ def _setup_logging(rank: int) -> None:
     root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dino_fast.train``: train as the flags say; returns the exit status."""
-    config = parse_args(argv)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    _setup_logging(rank)
-    try:
-        result = train(config, on_finish=knn_evaluation if config.eval_knn else None)
-    except NonFiniteLossError as exc:
-        logger.error("%s", exc)
-        return 1
-    except KeyboardInterrupt:
-        ckpt = Path(config.output_dir) / CHECKPOINT_NAME
-        if ckpt.is_file():
-            logger.error("interrupted; %s is intact: run the same command again to resume from it", ckpt)
-        else:
-            logger.error("interrupted before the first checkpoint; nothing to resume from")
-        return 130
-    except (ConfigError, distributed.DistributedSetupError, FileNotFoundError) as exc:
-        logger.error("%s", exc)
-        return 2
-    except CheckpointWriteError as exc:
-        logger.error("%s Then run the same command again: it resumes from the last checkpoint written.", exc)
-        return 1
-    if rank == 0:
-        _print_final_summary(result)
-    return 0
-
-
-def _print_final_summary(result: TrainResult) -> None:
+def final_summary(result: TrainResult) -> str:
+    """Where the run ended, and where its checkpoint and logs are."""
     lines = [
         f"done: iteration {result.iteration} in {result.seconds:.1f}s"
         + (f", {result.images_per_s:.1f} images/s" if result.images_per_s else "")
@@ -65,6 +64,5 @@ def _print_final_summary(result: TrainResult) -> None:
         f"logs: {result.output_dir / 'log.jsonl'} (per interval), "
         f"{result.output_dir / 'log.txt'} (per epoch)",
     ]
-    for key, value in result.extra.items():
-        lines.append(f"{key}: {value}")
-    print("\n".join(lines))  # the CLI's own summary on stdout
+    lines += [f"{key}: {value}" for key, value in result.extra.items()]
+    return "\n".join(lines)

@@ -16,6 +16,7 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+from dino_fast.errors import command_name
 from dino_fast.flags import bool_flag
 from dino_fast.train.config import OFFICIAL, OURS, ConfigError, TrainConfig
 
@@ -57,7 +58,7 @@ def build_parser(defaults: TrainConfig | None = None) -> argparse.ArgumentParser
     """The ``dino_fast.train`` parser; ``defaults`` (a preset) supplies the default values."""
     defaults = defaults or TrainConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m dino_fast.train",
+        prog=command_name(),
         description=DESCRIPTION,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

@@ -10,6 +10,7 @@ import torch
 
 from dino_fast import distributed
 from dino_fast.checkpoint import CHECKPOINT_NAME, atomic_copy, atomic_save, capture_rng_state
+from dino_fast.errors import UserError
 from dino_fast.train.config import TrainConfig
 from dino_fast.train.loader import iterate_epoch
 from dino_fast.train.metrics import AsyncMetrics, IntervalStats
@@ -17,8 +18,8 @@ from dino_fast.train.progress import ProgressReporter, append_json_line
 from dino_fast.train.trainer import Trainer
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training stopped because the loss became inf or nan."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training stopped because the loss became inf or nan; the message says how to go on."""
 
 
 def _gpu_mem_gib(device: torch.device) -> float | None:
