@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from dino_fast.eval.attention_maps import command
+from dino_fast.errors import run_command
+from dino_fast.eval.attention_maps import main
 
 if __name__ == "__main__":
-    sys.exit(command())
+    sys.exit(run_command(main))

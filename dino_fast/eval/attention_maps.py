@@ -40,7 +40,6 @@ from torch import nn
 
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino_fast.data.folders import DECODE_ERRORS, UnusableImageError, inspect_image, load_rgb
-from dino_fast.errors import run_command
 from dino_fast.eval.weights import add_model_arguments, build_model_from_args
 
 logger = logging.getLogger(__name__)
@@ -349,8 +348,3 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written.append(_save(make_grid(overview), args.output_dir / "attn-overview.png"))
     print(f"wrote {len(written)} files under {args.output_dir}", flush=True)
     return written
-
-
-def command() -> int:
-    """``python -m dino_fast.visualize`` and the ``dino-fast-visualize`` console script: the exit status."""
-    return run_command(main)

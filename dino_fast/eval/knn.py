@@ -380,10 +380,5 @@ def main(argv: Sequence[str] | None = None) -> KNNResult:
     return result
 
 
-def command() -> int:
-    """The ``dino-fast-knn`` console script: :func:`main`'s exit status, as ``python -m`` gives it."""
-    return run_command(main)
-
-
 if __name__ == "__main__":
-    sys.exit(command())
+    sys.exit(run_command(main))

@@ -496,10 +496,5 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
     return result
 
 
-def command() -> int:
-    """The ``dino-fast-linear`` console script: :func:`main`'s exit status, as ``python -m`` gives it."""
-    return run_command(main)
-
-
 if __name__ == "__main__":
-    sys.exit(command())
+    sys.exit(run_command(main))
