@@ -99,8 +99,8 @@ from official_dino import (  # noqa: E402
 from official_dino import official_state_dict as make_official_state_dict  # noqa: E402
 from timing import environment, measure, write_json  # noqa: E402
 
-from dino_fast.config import TrainConfig  # noqa: E402
-from dino_fast.schedules import build_schedules  # noqa: E402
+from dino_fast.train import TrainConfig  # noqa: E402
+from dino_fast.train.schedules import build_schedules  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # Configuration
