@@ -9,6 +9,7 @@ milliseconds on the CI CPU.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import torch
 
 from dino_fast.checkpoint import load_checkpoint
 from dino_fast.official.training import clip_gradients as official_clip_gradients
+from dino_fast.output_lock import LOCK_NAME
 from dino_fast.train import (
     ConfigError,
     NonFiniteLossError,
@@ -36,6 +38,7 @@ from dino_fast.train import (
 )
 from dino_fast.train import loop as loop_module
 from dino_fast.train import run as run_module
+from dino_fast.train import trainer as trainer_module
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -363,7 +366,35 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
     ckpt = load_checkpoint(Path(cfg.output_dir) / "checkpoint.pth")
     assert ckpt["iteration"] == 4  # the end of epoch 0, before the poisoned step
     assert all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
-    assert sorted(os.listdir(cfg.output_dir)) == ["checkpoint.pth", "log.jsonl", "log.txt"]
+    # Nothing else written: no temporary left behind (the run's lock file stays, hidden).
+    assert sorted(os.listdir(cfg.output_dir)) == [LOCK_NAME, "checkpoint.pth", "log.jsonl", "log.txt"]
+
+
+def test_nonfinite_weights_are_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, monkeypatch):
+    cfg = smoke(tmp_path, max_steps=4, log_interval=100)
+    train(cfg)  # a good checkpoint at iteration 4
+    real_step = trainer_module.Trainer.step
+
+    def step_then_poison(self, batch, iteration):
+        loss = real_step(self, batch, iteration)
+        if iteration == 4:  # the update after this step's (finite) loss breaks the weights
+            next(self.student.parameters()).data.fill_(float("nan"))
+        return loss
+
+    monkeypatch.setattr(trainer_module.Trainer, "step", step_then_poison)
+    with pytest.raises(
+        NonFiniteLossError, match=r"weights became non-finite .* by iteration 5; nothing was saved"
+    ) as exc:
+        train(dataclasses.replace(cfg, max_steps=5))
+    assert f"{Path(cfg.output_dir) / 'checkpoint.pth'} (iteration 4), was not overwritten" in str(exc.value)
+    ckpt = load_checkpoint(Path(cfg.output_dir) / "checkpoint.pth")
+    assert ckpt["iteration"] == 4 and all(torch.isfinite(v).all() for v in ckpt["student"].values())
+
+
+@pytest.mark.parametrize("flag", ["lr", "min_lr", "teacher_temp"])
+def test_non_finite_numbers_are_refused_by_name(tmp_path, flag):
+    with pytest.raises(ConfigError, match=rf"--{flag} nan: give a finite number"):
+        smoke(tmp_path, **{flag: float("nan")}).validate()
 
 
 def test_nonfinite_loss_caught_at_log_interval(tmp_path, monkeypatch):
@@ -390,7 +421,74 @@ def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, 
     assert "previous checkpoint.pth is intact" in stderr
     assert "resumes from the last checkpoint" in stderr
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 2
-    assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no temporary left behind
+    assert sorted(os.listdir(out)) == [LOCK_NAME, "checkpoint.pth", "log.jsonl"]  # no temporary left behind
+
+
+def _one_error_line(capsys) -> str:
+    errors = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
+    assert len(errors) == 1, errors
+    return errors[0]
+
+
+@pytest.mark.parametrize("damage", [b"", b"not a checkpoint", "truncated"])
+def test_resuming_a_damaged_checkpoint_is_one_line_saying_how_to_start_over(tmp_path, capsys, damage):
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
+    assert main([*argv, "--max_steps", "1"]) == 0
+    data = (out / "checkpoint.pth").read_bytes()
+    (out / "checkpoint.pth").write_bytes(data[: len(data) // 3] if damage == "truncated" else damage)
+    capsys.readouterr()
+    assert main([*argv, "--max_steps", "2"]) == 1
+    line = _one_error_line(capsys)
+    assert "cannot resume: checkpoint" in line and "--no-resume" in line
+    assert main([*argv, "--max_steps", "1", "--no-resume"]) == 0  # the way out it names works
+
+
+def test_resuming_with_other_model_flags_names_each_flag_and_both_values(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
+    assert main([*argv, "--max_steps", "1"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--max_steps", "2", "--out_dim", "512", "--patch_size", "8"]) == 1
+    line = _one_error_line(capsys)
+    assert "trained with --patch_size 16 --out_dim 256" in line
+    assert "asks for --patch_size 8 --out_dim 512" in line and "another --output_dir" in line
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_in_one_line(tmp_path, capsys):
+    from dino_fast.output_lock import exclusive_output_dir
+
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
+    with exclusive_output_dir(out):  # another run holds the folder
+        assert main([*argv, "--max_steps", "1"]) == 1
+    assert f"in use by another run (pid {os.getpid()} on" in _one_error_line(capsys)
+    assert not (out / "checkpoint.pth").exists()
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_at_start(tmp_path, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".checkpoint.pth.tmp.4242").write_bytes(b"x" * 1000)  # what kill -9 mid-write leaves
+    train(smoke(tmp_path, output_dir=str(out), max_steps=1))
+    assert not (out / ".checkpoint.pth.tmp.4242").exists()
+    assert "removed 1 temporary file(s) of interrupted checkpoint writes" in caplog.text
+
+
+def test_an_output_dir_under_a_read_only_parent_is_one_line(capsys):
+    # sysfs refuses new folders even to root, which CI runs as.
+    argv = [
+        "--preset",
+        "smoke",
+        "--data",
+        "synthetic",
+        "--device",
+        "cpu",
+        "--output_dir",
+        "/sys/dino_fast_run",
+    ]
+    assert main(argv) == 1
+    assert "cannot write to --output_dir /sys/dino_fast_run" in _one_error_line(capsys)
 
 
 def test_too_few_images_for_one_step_is_a_clear_error(tmp_path):

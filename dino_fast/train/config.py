@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,8 @@ class TrainConfig:
     log_interval: int = ours(10, "steps between log lines and log.jsonl records")
     ckpt_minutes: float = ours(20.0, "also write checkpoint.pth every this many minutes")
     resume: bool = ours(True, "continue from output_dir/checkpoint.pth when it exists")
+    allow_pickle: bool = ours(False, "resume from a checkpoint holding Python objects (runs its code)")
+    dist_timeout_minutes: float = ours(10.0, "how long ranks wait for a silent peer before the run ends")
     device: str = ours("auto", "auto (cuda if present), cuda or cpu")
     synthetic_size: int = ours(1281167, "images per epoch per process of --data synthetic")
     demo_max_per_class: int = ours(0, "Fashion-MNIST images per class in the demo (0: all)")
@@ -160,6 +163,9 @@ class TrainConfig:
             choices, value = field.metadata["choices"], getattr(self, field.name)
             if choices is not None and value is not None and value not in choices:
                 raise ConfigError(f"--{field.name} {value!r}: choose {_one_of(choices)}")
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(x, float) and not math.isfinite(x) for x in numbers):
+                raise ConfigError(f"--{field.name} {value}: give a finite number")
         for name in ("patch_size", "out_dim", "batch_size_per_gpu", "epochs", "log_interval"):
             _at_least(name, getattr(self, name), 1)
         for name in (
@@ -183,7 +189,7 @@ class TrainConfig:
         for name in ("momentum_teacher", "center_momentum"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"--{name} must be in [0, 1] (got {getattr(self, name)})")
-        for name in ("warmup_teacher_temp", "teacher_temp", "ckpt_minutes"):
+        for name in ("warmup_teacher_temp", "teacher_temp", "ckpt_minutes", "dist_timeout_minutes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"--{name} must be > 0 (got {getattr(self, name)})")
         for name in ("global_crops_scale", "local_crops_scale"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,6 @@ from dino_fast.data import MultiCropAugmentation, make_loader
 from dino_fast.data.demo import prepare_fashion_mnist
 from dino_fast.train.config import TrainConfig
 from dino_fast.train.precision import DATA_DTYPES
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_data_path(config: TrainConfig) -> Path | None:
@@ -65,11 +62,4 @@ def iterate_epoch(loader: Any, epoch: int, start_batch: int) -> Iterator[Any]:
     if start_batch == 0:
         yield from loader
         return
-    if hasattr(loader, "iter_from"):
-        yield from loader.iter_from(start_batch)
-        return
-    # The loader cannot seek: produce and drop the batches already trained on (same order, same RNG).
-    logger.warning("data loader cannot seek; skipping %d batches to reach the resume position", start_batch)
-    for index, batch in enumerate(loader):
-        if index >= start_batch:
-            yield batch
+    yield from loader.iter_from(start_batch)  # seeks: the batches before it are not produced

@@ -9,17 +9,19 @@ from typing import Any
 import torch
 
 from dino_fast import distributed
-from dino_fast.checkpoint import CHECKPOINT_NAME, atomic_copy, atomic_save, capture_rng_state
+from dino_fast.checkpoint import CHECKPOINT_NAME, all_finite, atomic_copy, atomic_save, capture_rng_state
 from dino_fast.errors import UserError
 from dino_fast.train.config import TrainConfig
 from dino_fast.train.loader import iterate_epoch
 from dino_fast.train.metrics import AsyncMetrics, IntervalStats
 from dino_fast.train.progress import ProgressReporter, append_json_line
 from dino_fast.train.trainer import Trainer
+from dino_fast.watchdog import StallWatchdog
 
 
 class NonFiniteLossError(UserError, RuntimeError):
-    """Training stopped because the loss became inf or nan; the message says how to go on."""
+    """Training stopped because the loss or the weights became inf or nan; the message says how
+    to go on from the last good checkpoint."""
 
 
 def _gpu_mem_gib(device: torch.device) -> float | None:
@@ -41,8 +43,11 @@ class TrainingLoop:
         metrics: AsyncMetrics,
         out_dir: Path,
         loader: Any,
+        watchdog: StallWatchdog | None = None,
     ) -> None:
         self.config = config
+        self.watchdog = watchdog
+        self.last_saved_iteration: int | None = None  # what checkpoint.pth holds, if anything
         self.info = info
         self.trainer = trainer
         self.reporter = reporter
@@ -73,14 +78,13 @@ class TrainingLoop:
         """Report one interval; returns True when a time-based checkpoint is due."""
         if stats.nonfinite:
             self.reporter.message("")
-            msg = (
+            raise NonFiniteLossError(
                 f"loss became non-finite ({stats.loss}) in iterations {stats.first_iteration}-"
-                f"{stats.last_iteration} ({stats.nonfinite} step(s) x rank(s)); stopping. The last good "
-                f"checkpoint, {self.out_dir / CHECKPOINT_NAME}, was not overwritten. Lower --lr, raise "
-                "--clip_grad strictness (smaller value), use --precision fp32 or --teacher_temp 0.04, "
-                "then resume"
+                f"{stats.last_iteration} ({stats.nonfinite} step(s) x rank(s)); stopping. "
+                f"{self._last_good()}"
             )
-            raise NonFiniteLossError(msg)
+        if self.watchdog is not None:
+            self.watchdog.progress(stats.last_iteration)
         self.last_loss = stats.loss
         # The run's images/s leaves out the first interval (lazy initialization, autotuning,
         # compilation) unless it is the only one.
@@ -110,8 +114,29 @@ class TrainingLoop:
         return due
 
     # -- checkpoints --------------------------------------------------------------------
+    def _last_good(self) -> str:
+        path = self.out_dir / CHECKPOINT_NAME
+        where = (
+            f"The last good checkpoint, {path} (iteration {self.last_saved_iteration}), was not overwritten"
+            if self.last_saved_iteration is not None
+            else "No checkpoint was written"
+        )
+        return (
+            f"{where}. Lower --lr, clip harder (a smaller --clip_grad), use --precision fp32 or "
+            "--teacher_temp 0.04, then run again"
+        )
+
     def _save(self, iteration: int) -> None:
-        """All ranks: gather RNG states; rank 0 writes checkpoint.pth atomically."""
+        """All ranks: check the weights, gather RNG states; rank 0 writes checkpoint.pth atomically."""
+        trainer = self.trainer
+        # The loss of a step is computed before its update: only the weights tell whether the
+        # last update before this save went wrong. DDP keeps them equal, so every rank agrees.
+        if not all_finite([*trainer.student.parameters(), *trainer.teacher.parameters()]):
+            self.reporter.message("")
+            raise NonFiniteLossError(
+                f"the weights became non-finite (NaN or inf) by iteration {iteration}; nothing was saved. "
+                f"{self._last_good()}"
+            )
         rng = distributed.all_gather_object(capture_rng_state(self.info.device))
         if self.info.is_main:
             state = self.trainer.state_dict(iteration)
@@ -134,6 +159,7 @@ class TrainingLoop:
                 atomic_copy(path, self.out_dir / f"checkpoint{finished_epoch:04}.pth")
             self.reporter.message("checkpoint written: %s (iteration %d)", path, iteration)
         distributed.barrier()
+        self.last_saved_iteration = iteration
         self.last_save_wall = time.monotonic()
         self.ckpt_flag_sent = False
 

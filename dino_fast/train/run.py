@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import logging
 import random
@@ -14,7 +16,14 @@ import numpy as np
 import torch
 
 from dino_fast import distributed
-from dino_fast.checkpoint import CHECKPOINT_NAME, load_checkpoint, restore_rng_state
+from dino_fast.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    load_checkpoint,
+    remove_stale_temporaries,
+    restore_rng_state,
+)
+from dino_fast.output_lock import OutputDirError, exclusive_output_dir
 from dino_fast.train.config import ConfigError, TrainConfig
 from dino_fast.train.loader import build_loader, resolve_data_path
 from dino_fast.train.loop import TrainingLoop
@@ -22,6 +31,7 @@ from dino_fast.train.metrics import AsyncMetrics
 from dino_fast.train.progress import ProgressReporter
 from dino_fast.train.summary import run_summary
 from dino_fast.train.trainer import Trainer
+from dino_fast.watchdog import StallWatchdog
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +65,7 @@ def train(
     """
     config.validate()
     config = dataclasses.replace(config, data=config.resolved_data())
-    info = distributed.init_distributed(config.device)
+    info = distributed.init_distributed(config.device, timeout_minutes=config.dist_timeout_minutes)
     try:
         result = _train(config, info)
         if on_finish is not None:
@@ -98,6 +108,25 @@ def _prepare_data(config: TrainConfig, info: distributed.DistInfo) -> tuple[Path
     return data_root, loader
 
 
+# The flags that decide the shapes of the weights a checkpoint holds.
+MODEL_FLAGS = ("arch", "patch_size", "out_dim", "use_bn_in_head", "norm_last_layer")
+
+
+def _check_same_model(config: TrainConfig, ckpt: dict[str, Any], ckpt_path: Path) -> None:
+    stored = ckpt.get("args")
+    stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored
+    if not isinstance(stored, dict):
+        return  # no record of the flags: the strict state-dict load still checks every shape
+    differ = [name for name in MODEL_FLAGS if name in stored and stored[name] != getattr(config, name)]
+    if differ:
+        theirs = " ".join(f"--{name} {stored[name]}" for name in differ)
+        ours = " ".join(f"--{name} {getattr(config, name)}" for name in differ)
+        raise ConfigError(
+            f"{ckpt_path} was trained with {theirs}, but this run asks for {ours}: pass the checkpoint's "
+            "values to resume it, or start a new run with another --output_dir (or --no-resume)"
+        )
+
+
 def _resume(config: TrainConfig, info: distributed.DistInfo, trainer: Trainer, ckpt_path: Path) -> int:
     """Load ``ckpt_path`` if the run resumes; returns the iteration to start at."""
     if not (config.resume and ckpt_path.is_file()):
@@ -106,7 +135,14 @@ def _resume(config: TrainConfig, info: distributed.DistInfo, trainer: Trainer, c
         # Different drop-path draws on each rank from here on (the init before is shared).
         _seed_everything(config.seed + info.rank)
         return 0
-    ckpt = load_checkpoint(ckpt_path, map_location=info.device)
+    try:
+        ckpt = load_checkpoint(ckpt_path, map_location=info.device, allow_pickle=config.allow_pickle)
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"cannot resume: {exc}. To start over instead, pass --no-resume (it will be overwritten) "
+            "or move the file away"
+        ) from exc
+    _check_same_model(config, ckpt, ckpt_path)
     start_iteration = trainer.load_state_dict(ckpt)
     rng = ckpt.get("rng")
     if isinstance(rng, list) and len(rng) == info.world_size and start_iteration == ckpt.get("iteration"):
@@ -122,11 +158,39 @@ def _resume(config: TrainConfig, info: distributed.DistInfo, trainer: Trainer, c
     return start_iteration
 
 
-def _train(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
-    out_dir = Path(config.output_dir)
+def _claim_output_dir(out_dir: Path, info: distributed.DistInfo, stack: contextlib.ExitStack) -> None:
+    """Rank 0 holds the folder's lock for the run and removes what killed writes left; every rank
+    learns whether that worked, so a refusal stops all of them."""
+    error = None
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier()
+        try:
+            stack.enter_context(exclusive_output_dir(out_dir))
+        except OutputDirError as exc:
+            error = str(exc)
+        else:
+            stale = remove_stale_temporaries(out_dir)
+            if stale:
+                logger.warning(
+                    "removed %d temporary file(s) of interrupted checkpoint writes in %s", len(stale), out_dir
+                )
+    error = distributed.broadcast_object(error)
+    if error is not None:
+        raise OutputDirError(error)
+
+
+def _train(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
+    with contextlib.ExitStack() as stack:
+        out_dir = Path(config.output_dir)
+        _claim_output_dir(out_dir, info, stack)
+        watchdog = StallWatchdog.for_process_group(stall_s=config.dist_timeout_minutes * 30.0)
+        if watchdog is not None:
+            stack.enter_context(watchdog)
+        return _train_in(config, info, out_dir, watchdog)
+
+
+def _train_in(
+    config: TrainConfig, info: distributed.DistInfo, out_dir: Path, watchdog: StallWatchdog | None
+) -> TrainResult:
     ckpt_path = out_dir / CHECKPOINT_NAME
 
     if info.device.type == "cuda":
@@ -152,7 +216,8 @@ def _train(config: TrainConfig, info: distributed.DistInfo) -> TrainResult:
         enabled=info.is_main,
     )
     metrics = AsyncMetrics(info.device, config.batch_size_per_gpu * info.world_size)
-    loop = TrainingLoop(config, info, trainer, reporter, metrics, out_dir, loader)
+    loop = TrainingLoop(config, info, trainer, reporter, metrics, out_dir, loader, watchdog)
+    loop.last_saved_iteration = start_iteration if start_iteration else None
     start_wall = time.perf_counter()
     try:
         loop.run(start_iteration, end_iteration)
