@@ -4,28 +4,24 @@ One DALI pipeline reads the files of a batch, decodes each image once (``mixed``
 the hardware decoder on a GPU; ``cpu`` without one) and emits all 2 + L views; per view:
 
     resize(ROI = crop box, cubic, antialiased)            RandomResizedCrop, bicubic
-    coord_transform(M) + k * gray mean, cast to uint8     color jitter (p = 0.8) + grayscale
-    gaussian_blur(sigma, window)                          blur with per-sample sigma and p
+    6 enhance slots around one HSV hue shift (pil_ops)    color jitter (p = 0.8), drawn order
+    luma where chosen                                     grayscale
+    3 + 3 box filter passes (pil_ops)                     PIL's GaussianBlur, per-sample sigma, p
     x ^ 255 where x >= 128 and chosen                     solarization (global view 2 only)
     crop_mirror_normalize(mirror, mean, std, CHW, fp16)   flip + ImageNet normalization
 
 Every random decision is drawn on the host by ``augment.sample_view_params`` (numpy, seeded
 by (seed, epoch, rank, step)) and fed to the operators as per-sample arguments, so a
 per-sample conditional never costs a branch or a blend: an op that does not apply gets its
-neutral argument (identity color matrix, a 1-tap blur window, a zero solarization mask).
+neutral argument (enhance factor 1, hue switch 0, an identity box tap, a zero solarization mask).
 The crop sampler is torchvision's RandomResizedCrop algorithm; image sizes come from the
 folder check (``folders.check_images``), and the decoder ignores EXIF orientation so that
 the decoded size is the stored one, as with PIL.
 
 Where this differs from the torchvision reference (``dino_fast.data.torchvision_pipeline``):
-- color jitter: torchvision applies brightness, contrast, saturation and hue in a random
-  order, clamping and rounding to uint8 after each. Here the four are one affine color
-  transform; brightness, contrast (about the crop's gray mean, as in PIL) and saturation
-  commute exactly, so only the clamping differs: one clamp at the end instead of one per
-  step. Hue is a rotation of the YIQ chroma plane instead of a shift of the HSV hue channel
-  (same direction and amount of hue change, not the same pixels). See ``augment``.
-- blur: a true Gaussian with window 2 * ceil(3 sigma) + 1 where PIL approximates it with
-  three box blurs; the cubic resize matches PIL's bicubic to ~0.2 gray levels on average.
+the color and blur steps redo PIL's 8-bit arithmetic (``pil_ops``), so fed the same
+parameters the two agree but for the resize (DALI's cubic against PIL's bicubic, ~0.2 gray
+levels on average) and float32 ties of one level (tests/test_dali_fidelity.py).
 Statistics of the two pipelines (flip, grayscale and solarization rates, crop areas, output
 mean and std) are compared in tests/test_data_agreement.py.
 
@@ -48,9 +44,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dino_fast.data.augment import LUMA_WEIGHTS, MultiCropAugmentation, ViewParams, sample_view_params
+from dino_fast.data import pil_ops
+from dino_fast.data.augment import MultiCropAugmentation, ViewParams, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
 from dino_fast.data.folders import UnusableImageError, inspect_image
+from dino_fast.data.pil_ops import box_blur_taps, hue_shift_levels
 from dino_fast.optional import require
 
 logger = logging.getLogger("dino_fast.data")
@@ -63,6 +61,36 @@ def _import_dali():
     pipeline = require("nvidia.dali.pipeline", needed_for)
     plugin = require("nvidia.dali.plugin.pytorch", needed_for)
     return fn, types, pipeline.Pipeline, plugin.feed_ndarray
+
+
+# Per view: ROI start and end, 3 x (6,) enhance slots, hue shift and switch, grayscale
+# switch, the box blur's row and column taps, flip (+ the solarization switch where it can apply).
+_VIEW_INPUTS = 11
+
+
+def jitter_slots(p: ViewParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ColorJitter's brightness, contrast and saturation steps placed in the graph's six
+    enhance slots: slots 0-2 run before the hue step, 3-5 after it.
+
+    The step at position k of ``p.order`` goes to slot k if it comes before hue, k + 2 if after,
+    so the drawn order is kept; unused slots get alpha = 1 (unchanged). Returns ``alpha``
+    (the factor), ``contrast`` and ``saturation`` (0/1, which degenerate image), each (n, 6) float32.
+    """
+    n = len(p.order)
+    position = np.arange(4)[None, :]
+    hue_at = np.argmax(p.order == 3, axis=1)[:, None]
+    slot = np.where(position < hue_at, position, position + 2)
+    used = (p.order != 3) & p.jitter[:, None]
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, 4))[used]
+    op = p.order[used]
+    factors = np.stack([p.brightness, p.contrast, p.saturation], axis=1)
+    alpha = np.ones((n, 6), dtype=np.float32)
+    contrast = np.zeros((n, 6), dtype=np.float32)
+    saturation = np.zeros((n, 6), dtype=np.float32)
+    alpha[rows, slot[used]] = factors[rows, op]
+    contrast[rows, slot[used]] = op == 1
+    saturation[rows, slot[used]] = op == 2
+    return alpha, contrast, saturation
 
 
 @dataclass(frozen=True)
@@ -166,16 +194,22 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         offsets = self._path_offsets
         paths = [self._path_bytes[offsets[i] : offsets[i + 1]] for i in indices]
         inputs: list = [paths]
+        max_sigma = self.augment.blur_sigma[1]
         for view, p in zip(self._views, self._step_params(epoch, step, indices), strict=True):
             top, left, h, w = (p.boxes[:, j].astype(np.float32) for j in range(4))
-            window = np.where(p.blur, 2 * np.ceil(3 * p.sigma) + 1, 1).astype(np.int32)
+            alpha, contrast, saturation = jitter_slots(p)
+            taps = box_blur_taps(p.sigma, p.blur, max_sigma)
             inputs += [
                 np.stack([top, left], axis=1),
                 np.stack([top + h, left + w], axis=1),
-                p.color_matrix.astype(np.float32),
-                p.color_offset.astype(np.float32)[:, None],
-                np.where(p.blur, p.sigma, 1.0).astype(np.float32),
-                window,
+                alpha,
+                contrast,
+                saturation,
+                hue_shift_levels(p.hue)[:, None],
+                p.jitter.astype(np.float32)[:, None],
+                p.grayscale.astype(np.float32)[:, None],
+                taps[:, None, :],
+                np.ascontiguousarray(taps[:, :, None]),
                 p.flip.astype(np.int32),
             ]
             if view.solarize_p > 0:
@@ -192,7 +226,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
 
     # ----------------------------------------------------------------- the DALI graph
     def _num_inputs(self) -> int:
-        return 1 + sum(8 if v.solarize_p > 0 else 7 for v in self._views)
+        return 1 + sum(_VIEW_INPUTS + (v.solarize_p > 0) for v in self._views)
 
     def _build(self, decoder_check: bool = False):
         fn, types = self._fn, self._types
@@ -208,22 +242,18 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         dtypes = [types.UINT8]
         ndims = [1]
         for view in self._views:
-            dtypes += [
-                types.FLOAT,
-                types.FLOAT,
-                types.FLOAT,
-                types.FLOAT,
-                types.FLOAT,
-                types.INT32,
-                types.INT32,
-            ]
-            ndims += [1, 1, 2, 1, 0, 0, 0]
+            dtypes += [types.FLOAT] * (_VIEW_INPUTS - 1) + [types.INT32]
+            ndims += [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 0]
             if view.solarize_p > 0:
                 dtypes.append(types.UINT8)
                 ndims.append(1)
         out_type = types.FLOAT16 if self.dtype in (torch.float16, torch.bfloat16) else types.FLOAT
-        mean = [255.0 * m for m in aug.mean]
-        std = [255.0 * s for s in aug.std]
+        norm_mean = [255.0 * m for m in aug.mean]
+        norm_std = [255.0 * s for s in aug.std]
+
+        def mean(plane):
+            return fn.reductions.mean(plane)
+
         # The pipeline reaches its loader through a weak reference: a bound method would make a
         # cycle that only the garbage collector frees, and a collection inside a forked DataLoader
         # worker runs the pipeline's destructor without its threads (a segfault).
@@ -251,8 +281,13 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             outputs = []
             pos = 1
             for view in self._views:
-                roi_start, roi_end, matrix, offset, sigma, window, flip = inputs[pos : pos + 7]
-                pos += 7
+                view_inputs = inputs[pos : pos + _VIEW_INPUTS]
+                pos += _VIEW_INPUTS
+                roi_start, roi_end = view_inputs[:2]
+                taps_row, taps_col, flip = view_inputs[8:]
+                alpha, contrast, saturation, hue_shift, hue_on, gray = (
+                    x.gpu() if on_gpu else x for x in view_inputs[2:8]
+                )
                 crop = fn.resize(
                     images,
                     roi_start=roi_start,
@@ -262,14 +297,19 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                     interp_type=types.INTERP_CUBIC,
                     antialias=True,
                 )
-                # Contrast pivots on the crop's gray mean (PIL's ImageEnhance.Contrast).
-                channel_mean = fn.reductions.mean(crop, axes=[0, 1], keep_dims=True, dtype=types.FLOAT)
-                gray_mean = fn.coord_transform(channel_mean, M=LUMA_WEIGHTS.tolist(), dtype=types.FLOAT)
-                mixed = fn.coord_transform(crop, M=matrix, dtype=types.FLOAT)
-                shift = (offset.gpu() if on_gpu else offset) * gray_mean
-                # cast rounds and saturates: the clamp of PIL's uint8 images.
-                jittered = fn.cast(mixed + shift, dtype=types.UINT8)
-                view_out = fn.gaussian_blur(jittered, sigma=sigma, window_size=window)
+                x = fn.cast(crop, dtype=types.FLOAT)
+                rgb = (x[:, :, 0], x[:, :, 1], x[:, :, 2])
+                # ColorJitter's steps in their drawn order: up to three enhance steps before the
+                # hue step and up to three after it (see jitter_slots), each 8-bit like PIL.
+                for slot in range(6):
+                    if slot == 3:
+                        rgb = pil_ops.shift_hue(rgb, hue_shift, hue_on)
+                    rgb = pil_ops.enhance(rgb, alpha[slot], contrast[slot], saturation[slot], mean)
+                luma = pil_ops.luma(*rgb)
+                rgb = tuple(c + gray * (luma - c) for c in rgb)
+                # Whole numbers 0..255 already: the cast is exact.
+                jittered = fn.reshape(fn.cast(fn.stack(*rgb, axis=2), dtype=types.UINT8), layout="HWC")
+                view_out = pil_ops.box_blur(fn, jittered, taps_row, taps_col)
                 if view.solarize_p > 0:
                     chosen = inputs[pos]
                     pos += 1
@@ -278,7 +318,12 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                     view_out = view_out ^ (chosen * (view_out >= aug.solarize_threshold) * np.uint8(255))
                 outputs.append(
                     fn.crop_mirror_normalize(
-                        view_out, mirror=flip, mean=mean, std=std, dtype=out_type, output_layout="CHW"
+                        view_out,
+                        mirror=flip,
+                        mean=norm_mean,
+                        std=norm_std,
+                        dtype=out_type,
+                        output_layout="CHW",
                     )
                 )
             pipe.set_outputs(*outputs)
