@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from torchvision import transforms
 
+from dino_fast.data.affine_color import color_transforms
 from dino_fast.data.augment import (
     MultiCropAugmentation,
     sample_crop_boxes,
@@ -93,6 +96,76 @@ def test_crop_fallback_is_torchvisions_center_crop() -> None:
     assert tuple(ours[0]) == tuple(ref)
 
 
+def _apply(matrix: np.ndarray, offset: float, image: np.ndarray) -> np.ndarray:
+    gray_mean = (image @ np.array([0.299, 0.587, 0.114])).mean()
+    return image @ matrix.T + offset * gray_mean
+
+
+@pytest.mark.parametrize("grayscale", [False, True])
+def test_color_transform_equals_every_order_of_torchvision_jitter(grayscale: bool) -> None:
+    # Mid-range colors and mild factors keep every intermediate inside [0, 1], where
+    # torchvision's per-step clamp is inactive: then all 6 orders of brightness, contrast
+    # and saturation must equal the single affine transform exactly (float64).
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0.35, 0.6, size=(7, 5, 3))
+    b, c, s = 1.15, 0.8, 1.2
+    m, k, _ = color_transforms(
+        np.array([b]), np.array([c]), np.array([s]), np.array([0.0]), np.array([grayscale])
+    )
+    ours = _apply(m[0], k[0], image)
+    steps = {
+        "b": lambda t: TF.adjust_brightness(t, b),
+        "c": lambda t: TF.adjust_contrast(t, c),
+        "s": lambda t: TF.adjust_saturation(t, s),
+    }
+    for order in itertools.permutations("bcs"):
+        t = torch.from_numpy(image).permute(2, 0, 1).clone()
+        for name in order:
+            t = steps[name](t)
+        if grayscale:
+            t = TF.rgb_to_grayscale(t, num_output_channels=3)
+        ref = t.permute(1, 2, 0).numpy()
+        # 1e-4: torchvision's tensor grayscale weighs red 0.2989, PIL (and we) 0.299.
+        np.testing.assert_allclose(ours, ref, atol=1e-4, err_msg=f"order {order}")
+
+
+@pytest.mark.parametrize("hue", [-0.1, -0.04, 0.05, 0.1])
+def test_hue_rotation_moves_hue_like_torchvision(hue: float) -> None:
+    # Saturated, fully bright colors around the wheel: the YIQ rotation must move the HSV
+    # hue by (nearly) the same signed amount as torchvision's HSV shift.
+    angles = np.linspace(0, 1, 24, endpoint=False)
+    hsv = torch.tensor(np.stack([angles, np.full(24, 0.6), np.full(24, 0.8)], axis=1))
+    rgb = _hsv_to_rgb(hsv.numpy())
+    m, k, t = color_transforms(np.ones(1), np.ones(1), np.ones(1), np.array([hue]), np.zeros(1, dtype=bool))
+    ours = rgb @ m[0].T
+    ref = TF.adjust_hue(torch.from_numpy(rgb.T[:, :, None].copy()), hue)[:, :, 0].T.numpy()
+    shift_ours = _wrap(_rgb_to_hue(ours) - angles)
+    shift_ref = _wrap(_rgb_to_hue(ref) - angles)
+    assert shift_ref.mean() == pytest.approx(hue, abs=1e-3)
+    # YIQ is not HSV: the shift varies around the wheel (by up to ~40%), but its average
+    # matches and no color moves the wrong way.
+    assert shift_ours.mean() == pytest.approx(hue, rel=0.1)
+    assert np.abs(shift_ours - shift_ref).max() < 0.55 * abs(hue)
+    assert (np.sign(shift_ours) == np.sign(hue)).all()
+    assert k[0] == 0.0 and t[0] == 0.0  # factors of 1: no blend, nothing truncated
+
+
+def _wrap(x: np.ndarray) -> np.ndarray:
+    return (x + 0.5) % 1.0 - 0.5
+
+
+def _hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
+    import colorsys
+
+    return np.array([colorsys.hsv_to_rgb(*row) for row in hsv])
+
+
+def _rgb_to_hue(rgb: np.ndarray) -> np.ndarray:
+    import colorsys
+
+    return np.array([colorsys.rgb_to_hsv(*np.clip(row, 0, 1))[0] for row in rgb])
+
+
 def test_view_params_probabilities_and_neutral_values() -> None:
     aug = MultiCropAugmentation()
     n = 20000
@@ -124,3 +197,16 @@ def test_view_params_probabilities_and_neutral_values() -> None:
     assert global1.saturation[on].min() >= 0.8 and global1.saturation[on].max() <= 1.2
     assert np.abs(global1.hue[on]).max() <= 0.1
     assert global1.sigma[global1.blur].min() >= 0.1 and global1.sigma[global1.blur].max() <= 2.0
+
+
+def test_affine_truncation_offset_counts_the_blends_that_truncate() -> None:
+    # PIL copies the image for a factor of exactly 1 (no blend, no truncation); every other
+    # factor truncates once, half a level on average.
+    _, _, t = color_transforms(
+        np.array([1.2, 1.0, 0.7]),
+        np.array([1.0, 1.0, 1.3]),
+        np.array([0.9, 1.0, 1.1]),
+        np.zeros(3),
+        np.zeros(3, dtype=bool),
+    )
+    assert t.tolist() == [1.0, 0.0, 1.5]

@@ -22,6 +22,7 @@ Where this differs from the torchvision reference (``dino_fast.data.torchvision_
 the color and blur steps redo PIL's 8-bit arithmetic (``pil_ops``), so fed the same
 parameters the two agree but for the resize (DALI's cubic against PIL's bicubic, ~0.2 gray
 levels on average) and float32 ties of one level (tests/test_dali_fidelity.py).
+``color_ops="affine"`` trades the color fidelity for fewer operators (``affine_color``).
 Statistics of the two pipelines (flip, grayscale and solarization rates, crop areas, output
 mean and std) are compared in tests/test_data_agreement.py.
 
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from dino_fast.data import pil_ops
+from dino_fast.data.affine_color import LUMA_WEIGHTS, color_transforms
 from dino_fast.data.augment import MultiCropAugmentation, ViewParams, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
 from dino_fast.data.folders import UnusableImageError, inspect_image
@@ -63,9 +65,10 @@ def _import_dali():
     return fn, types, pipeline.Pipeline, plugin.feed_ndarray
 
 
-# Per view: ROI start and end, 3 x (6,) enhance slots, hue shift and switch, grayscale
-# switch, the box blur's row and column taps, flip (+ the solarization switch where it can apply).
-_VIEW_INPUTS = 11
+# The per-view inputs of the color step, by ``color_ops``: (dtype-free) ranks of each array.
+# "pil": 3 x (6,) enhance slots, the hue shift and switch, the grayscale switch;
+# "affine": the color matrix, the gray-mean coefficient and the truncation offset.
+_COLOR_NDIMS = {"pil": [1, 1, 1, 1, 1, 1], "affine": [2, 1, 1]}
 
 
 def jitter_slots(p: ViewParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -116,7 +119,9 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
     ``num_threads``: DALI CPU threads (default: this rank's share of the cores; 2-8 on a GPU).
     ``check``: the ``check_images`` mode run at construction. ``prefetch_queue_depth``: batches
     DALI prepares ahead of the one being consumed. ``hw_decoder_load``: the share of JPEGs the
-    ``mixed`` decoder sends to the GPU's hardware JPEG engines.
+    ``mixed`` decoder sends to the GPU's hardware JPEG engines. ``color_ops``: "pil" (PIL's
+    8-bit color jitter, as the official pipeline) or "affine" (one color transform per view:
+    fewer operators, hue and clamping approximate; see ``affine_color``).
     """
 
     def __init__(
@@ -134,7 +139,10 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         check: str = "header",
         prefetch_queue_depth: int = 2,
         hw_decoder_load: float = 0.65,
+        color_ops: str = "pil",
     ) -> None:
+        if color_ops not in _COLOR_NDIMS:
+            raise ValueError(f"color_ops must be one of {', '.join(_COLOR_NDIMS)}, got {color_ops!r}")
         self._fn, self._types, self._Pipeline, self._feed_ndarray = _import_dali()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -156,6 +164,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         self.num_threads = num_threads or _default_threads(device)
         self.prefetch_queue_depth = prefetch_queue_depth
         self.hw_decoder_load = hw_decoder_load
+        self.color_ops = color_ops
         self.device_id = (
             (device.index if device.index is not None else torch.cuda.current_device())
             if (device.type == "cuda")
@@ -197,17 +206,11 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         max_sigma = self.augment.blur_sigma[1]
         for view, p in zip(self._views, self._step_params(epoch, step, indices), strict=True):
             top, left, h, w = (p.boxes[:, j].astype(np.float32) for j in range(4))
-            alpha, contrast, saturation = jitter_slots(p)
             taps = box_blur_taps(p.sigma, p.blur, max_sigma)
             inputs += [
                 np.stack([top, left], axis=1),
                 np.stack([top + h, left + w], axis=1),
-                alpha,
-                contrast,
-                saturation,
-                hue_shift_levels(p.hue)[:, None],
-                p.jitter.astype(np.float32)[:, None],
-                p.grayscale.astype(np.float32)[:, None],
+                *self._color_inputs(p),
                 taps[:, None, :],
                 np.ascontiguousarray(taps[:, :, None]),
                 p.flip.astype(np.int32),
@@ -215,6 +218,26 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             if view.solarize_p > 0:
                 inputs.append(p.solarize.astype(np.uint8)[:, None])
         return tuple(inputs)
+
+    def _color_inputs(self, p: ViewParams) -> list[np.ndarray]:
+        if self.color_ops == "affine":
+            matrix, coefficient, truncations = color_transforms(
+                p.brightness, p.contrast, p.saturation, p.hue, p.grayscale
+            )
+            return [
+                matrix.astype(np.float32),
+                coefficient.astype(np.float32)[:, None],
+                truncations.astype(np.float32)[:, None],
+            ]
+        alpha, contrast, saturation = jitter_slots(p)
+        return [
+            alpha,
+            contrast,
+            saturation,
+            hue_shift_levels(p.hue)[:, None],
+            p.jitter.astype(np.float32)[:, None],
+            p.grayscale.astype(np.float32)[:, None],
+        ]
 
     def _source(self) -> tuple:
         feed = self._feed
@@ -225,8 +248,12 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         return self._step_inputs(feed.epoch, step, feed.plan[step])
 
     # ----------------------------------------------------------------- the DALI graph
+    def _view_inputs(self) -> int:
+        # ROI start and end, the color inputs, the box blur's row and column taps, flip.
+        return 5 + len(_COLOR_NDIMS[self.color_ops])
+
     def _num_inputs(self) -> int:
-        return 1 + sum(_VIEW_INPUTS + (v.solarize_p > 0) for v in self._views)
+        return 1 + sum(self._view_inputs() + (v.solarize_p > 0) for v in self._views)
 
     def _build(self, decoder_check: bool = False):
         fn, types = self._fn, self._types
@@ -242,17 +269,14 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         dtypes = [types.UINT8]
         ndims = [1]
         for view in self._views:
-            dtypes += [types.FLOAT] * (_VIEW_INPUTS - 1) + [types.INT32]
-            ndims += [1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 0]
+            dtypes += [types.FLOAT] * (self._view_inputs() - 1) + [types.INT32]
+            ndims += [1, 1, *_COLOR_NDIMS[self.color_ops], 2, 2, 0]
             if view.solarize_p > 0:
                 dtypes.append(types.UINT8)
                 ndims.append(1)
         out_type = types.FLOAT16 if self.dtype in (torch.float16, torch.bfloat16) else types.FLOAT
         norm_mean = [255.0 * m for m in aug.mean]
         norm_std = [255.0 * s for s in aug.std]
-
-        def mean(plane):
-            return fn.reductions.mean(plane)
 
         # The pipeline reaches its loader through a weak reference: a bound method would make a
         # cycle that only the garbage collector frees, and a collection inside a forked DataLoader
@@ -281,13 +305,11 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             outputs = []
             pos = 1
             for view in self._views:
-                view_inputs = inputs[pos : pos + _VIEW_INPUTS]
-                pos += _VIEW_INPUTS
+                view_inputs = inputs[pos : pos + self._view_inputs()]
+                pos += self._view_inputs()
                 roi_start, roi_end = view_inputs[:2]
-                taps_row, taps_col, flip = view_inputs[8:]
-                alpha, contrast, saturation, hue_shift, hue_on, gray = (
-                    x.gpu() if on_gpu else x for x in view_inputs[2:8]
-                )
+                taps_row, taps_col, flip = view_inputs[-3:]
+                color_args = view_inputs[2:-3]
                 crop = fn.resize(
                     images,
                     roi_start=roi_start,
@@ -297,18 +319,10 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                     interp_type=types.INTERP_CUBIC,
                     antialias=True,
                 )
-                x = fn.cast(crop, dtype=types.FLOAT)
-                rgb = (x[:, :, 0], x[:, :, 1], x[:, :, 2])
-                # ColorJitter's steps in their drawn order: up to three enhance steps before the
-                # hue step and up to three after it (see jitter_slots), each 8-bit like PIL.
-                for slot in range(6):
-                    if slot == 3:
-                        rgb = pil_ops.shift_hue(rgb, hue_shift, hue_on)
-                    rgb = pil_ops.enhance(rgb, alpha[slot], contrast[slot], saturation[slot], mean)
-                luma = pil_ops.luma(*rgb)
-                rgb = tuple(c + gray * (luma - c) for c in rgb)
-                # Whole numbers 0..255 already: the cast is exact.
-                jittered = fn.reshape(fn.cast(fn.stack(*rgb, axis=2), dtype=types.UINT8), layout="HWC")
+                if self.color_ops == "pil":
+                    jittered = self._pil_color(crop, *color_args)
+                else:
+                    jittered = self._affine_color(crop, *color_args)
                 view_out = pil_ops.box_blur(fn, jittered, taps_row, taps_col)
                 if view.solarize_p > 0:
                     chosen = inputs[pos]
@@ -329,6 +343,40 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             pipe.set_outputs(*outputs)
         pipe.build()
         return pipe
+
+    def _on_device(self, node):
+        """A CPU input as an operand of the crop's arithmetic (GPU data on a GPU)."""
+        return node.gpu() if self.device_id is not None else node
+
+    def _pil_color(self, crop, *args):
+        fn, types = self._fn, self._types
+        alpha, contrast, saturation, hue_shift, hue_on, gray = (self._on_device(a) for a in args)
+
+        def mean(plane):
+            return fn.reductions.mean(plane)
+
+        x = fn.cast(crop, dtype=types.FLOAT)
+        rgb = (x[:, :, 0], x[:, :, 1], x[:, :, 2])
+        # ColorJitter's steps in their drawn order: up to three enhance steps before the hue
+        # step and up to three after it (see jitter_slots), each 8-bit like PIL.
+        for slot in range(6):
+            if slot == 3:
+                rgb = pil_ops.shift_hue(rgb, hue_shift, hue_on)
+            rgb = pil_ops.enhance(rgb, alpha[slot], contrast[slot], saturation[slot], mean)
+        luma = pil_ops.luma(*rgb)
+        rgb = tuple(c + gray * (luma - c) for c in rgb)
+        # Whole numbers 0..255 already: the cast is exact.
+        return fn.reshape(fn.cast(fn.stack(*rgb, axis=2), dtype=types.UINT8), layout="HWC")
+
+    def _affine_color(self, crop, matrix, coefficient, truncations):
+        fn, types = self._fn, self._types
+        # Contrast pivots on the crop's gray mean (PIL's ImageEnhance.Contrast).
+        channel_mean = fn.reductions.mean(crop, axes=[0, 1], keep_dims=True, dtype=types.FLOAT)
+        gray_mean = fn.coord_transform(channel_mean, M=LUMA_WEIGHTS.tolist(), dtype=types.FLOAT)
+        mixed = fn.coord_transform(crop, M=matrix, dtype=types.FLOAT)
+        # cast rounds and saturates: the clamp of PIL's uint8 images, once.
+        shift = self._on_device(coefficient) * gray_mean - self._on_device(truncations)
+        return fn.cast(mixed + shift, dtype=types.UINT8)
 
     def _probe_decode(self, path: str) -> bool:
         """Whether this loader's decoder (mixed or cpu) decodes ``path`` on its own."""
