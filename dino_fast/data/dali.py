@@ -1,7 +1,9 @@
 """The DINO multi-crop pipeline in NVIDIA DALI: decode on the GPU, every view in one pipeline.
 
 One DALI pipeline reads the files of a batch, decodes each image once (``mixed``: nvJPEG /
-the hardware decoder on a GPU; ``cpu`` without one) and emits all 2 + L views; per view:
+the hardware decoder on a GPU; ``cpu`` without one) and emits all 2 + L views. The views of
+one size (the globals, the locals) are cropped one by one, then stacked into one sequence that
+the color and blur operators process at once (a launch per group, not per view); per view:
 
     resize(ROI = crop box, cubic, antialiased)            RandomResizedCrop, bicubic
     6 enhance slots around one HSV hue shift (pil_ops)    color jitter (p = 0.8), drawn order
@@ -65,10 +67,11 @@ def _import_dali():
     return fn, types, pipeline.Pipeline, plugin.feed_ndarray
 
 
-# The per-view inputs of the color step, by ``color_ops``: (dtype-free) ranks of each array.
-# "pil": 3 x (6,) enhance slots, the hue shift and switch, the grayscale switch;
-# "affine": the color matrix, the gray-mean coefficient and the truncation offset.
-_COLOR_NDIMS = {"pil": [1, 1, 1, 1, 1, 1], "affine": [2, 1, 1]}
+# The color inputs of a group of F views, by ``color_ops``: the rank of each array. Per frame
+# values have shape (F, 1, 1) to broadcast over the group's (F, H, W) channel planes.
+# "pil": 3 x (6, F, 1, 1) enhance slots, the hue shift and switch, the grayscale switch;
+# "affine": the color matrix (3, 3, F, 1, 1), the gray-mean coefficient, the truncation offset.
+_COLOR_NDIMS = {"pil": [4, 4, 4, 3, 3, 3], "affine": [5, 3, 3]}
 
 
 def jitter_slots(p: ViewParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,6 +184,9 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         self._feed: _Feed | None = None
         self._pipe_dirty = False
         self._views = augment.views()
+        # Views of one size go through the color and blur operators together.
+        sizes = sorted({v.size for v in self._views}, reverse=True)
+        self._groups = [[v.index for v in self._views if v.size == size] for size in sizes]
 
     # ----------------------------------------------------------------- planning (host side)
     def _path(self, i: int) -> str:
@@ -203,41 +209,48 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         offsets = self._path_offsets
         paths = [self._path_bytes[offsets[i] : offsets[i + 1]] for i in indices]
         inputs: list = [paths]
-        max_sigma = self.augment.blur_sigma[1]
-        for view, p in zip(self._views, self._step_params(epoch, step, indices), strict=True):
+        params = self._step_params(epoch, step, indices)
+        for p in params:
             top, left, h, w = (p.boxes[:, j].astype(np.float32) for j in range(4))
-            taps = box_blur_taps(p.sigma, p.blur, max_sigma)
             inputs += [
                 np.stack([top, left], axis=1),
                 np.stack([top + h, left + w], axis=1),
-                *self._color_inputs(p),
-                taps[:, None, :],
-                np.ascontiguousarray(taps[:, :, None]),
                 p.flip.astype(np.int32),
             ]
-            if view.solarize_p > 0:
-                inputs.append(p.solarize.astype(np.uint8)[:, None])
+        for group in self._groups:
+            inputs += self._group_inputs([params[v] for v in group], [self._views[v] for v in group])
         return tuple(inputs)
 
-    def _color_inputs(self, p: ViewParams) -> list[np.ndarray]:
+    def _group_inputs(self, params: list[ViewParams], views: list) -> list[np.ndarray]:
+        """The color, blur and solarization inputs of one group of views, frames on axis 1."""
+
+        def frames(arrays: list[np.ndarray], axis: int = 1) -> np.ndarray:
+            return np.stack(arrays, axis=axis).astype(np.float32)[..., None, None]
+
         if self.color_ops == "affine":
-            matrix, coefficient, truncations = color_transforms(
-                p.brightness, p.contrast, p.saturation, p.hue, p.grayscale
-            )
-            return [
-                matrix.astype(np.float32),
-                coefficient.astype(np.float32)[:, None],
-                truncations.astype(np.float32)[:, None],
+            transforms = [
+                color_transforms(p.brightness, p.contrast, p.saturation, p.hue, p.grayscale) for p in params
             ]
-        alpha, contrast, saturation = jitter_slots(p)
-        return [
-            alpha,
-            contrast,
-            saturation,
-            hue_shift_levels(p.hue)[:, None],
-            p.jitter.astype(np.float32)[:, None],
-            p.grayscale.astype(np.float32)[:, None],
-        ]
+            color = [
+                frames([m for m, _, _ in transforms], axis=3),
+                frames([k for _, k, _ in transforms]),
+                frames([t for _, _, t in transforms]),
+            ]
+        else:
+            slots = [jitter_slots(p) for p in params]
+            color = [frames([s[i] for s in slots], axis=2) for i in range(3)]
+            color += [
+                frames([hue_shift_levels(p.hue) for p in params]),
+                frames([p.jitter for p in params]),
+                frames([p.grayscale for p in params]),
+            ]
+        taps = np.stack([box_blur_taps(p.sigma, p.blur, self.augment.blur_sigma[1]) for p in params], axis=1)
+        inputs = [*color, taps[:, :, None, :], np.ascontiguousarray(taps[:, :, :, None])]
+        if any(v.solarize_p > 0 for v in views):
+            inputs.append(
+                np.stack([p.solarize for p in params], axis=1).astype(np.uint8)[:, :, None, None, None]
+            )
+        return inputs
 
     def _source(self) -> tuple:
         feed = self._feed
@@ -248,12 +261,13 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         return self._step_inputs(feed.epoch, step, feed.plan[step])
 
     # ----------------------------------------------------------------- the DALI graph
-    def _view_inputs(self) -> int:
-        # ROI start and end, the color inputs, the box blur's row and column taps, flip.
-        return 5 + len(_COLOR_NDIMS[self.color_ops])
+    def _group_input_count(self, group: list[int]) -> int:
+        # The color inputs, the box blur's row and column taps, the solarization switch.
+        solarize = any(self._views[v].solarize_p > 0 for v in group)
+        return len(_COLOR_NDIMS[self.color_ops]) + 2 + solarize
 
     def _num_inputs(self) -> int:
-        return 1 + sum(self._view_inputs() + (v.solarize_p > 0) for v in self._views)
+        return 1 + 3 * len(self._views) + sum(self._group_input_count(g) for g in self._groups)
 
     def _build(self, decoder_check: bool = False):
         fn, types = self._fn, self._types
@@ -268,12 +282,16 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         aug = self.augment
         dtypes = [types.UINT8]
         ndims = [1]
-        for view in self._views:
-            dtypes += [types.FLOAT] * (self._view_inputs() - 1) + [types.INT32]
-            ndims += [1, 1, *_COLOR_NDIMS[self.color_ops], 2, 2, 0]
-            if view.solarize_p > 0:
+        for _ in self._views:
+            dtypes += [types.FLOAT, types.FLOAT, types.INT32]
+            ndims += [1, 1, 0]
+        for group in self._groups:
+            color = _COLOR_NDIMS[self.color_ops]
+            dtypes += [types.FLOAT] * (len(color) + 2)
+            ndims += [*color, 3, 3]
+            if self._group_input_count(group) > len(color) + 2:
                 dtypes.append(types.UINT8)
-                ndims.append(1)
+                ndims.append(4)
         out_type = types.FLOAT16 if self.dtype in (torch.float16, torch.bfloat16) else types.FLOAT
         norm_mean = [255.0 * m for m in aug.mean]
         norm_std = [255.0 * s for s in aug.std]
@@ -302,44 +320,50 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                 adjust_orientation=False,
                 **decoder_args,
             )
-            outputs = []
-            pos = 1
-            for view in self._views:
-                view_inputs = inputs[pos : pos + self._view_inputs()]
-                pos += self._view_inputs()
-                roi_start, roi_end = view_inputs[:2]
-                taps_row, taps_col, flip = view_inputs[-3:]
-                color_args = view_inputs[2:-3]
-                crop = fn.resize(
-                    images,
-                    roi_start=roi_start,
-                    roi_end=roi_end,
-                    roi_relative=False,
-                    size=(view.size, view.size),
-                    interp_type=types.INTERP_CUBIC,
-                    antialias=True,
-                )
-                if self.color_ops == "pil":
-                    jittered = self._pil_color(crop, *color_args)
-                else:
-                    jittered = self._affine_color(crop, *color_args)
-                view_out = pil_ops.box_blur(fn, jittered, taps_row, taps_col)
-                if view.solarize_p > 0:
-                    chosen = inputs[pos]
-                    pos += 1
-                    chosen = chosen.gpu() if on_gpu else chosen
+            per_view = [inputs[1 + 3 * v : 4 + 3 * v] for v in range(len(self._views))]
+            pos = 1 + 3 * len(self._views)
+            outputs: list = [None] * len(self._views)
+            for group in self._groups:
+                count = self._group_input_count(group)
+                group_inputs = inputs[pos : pos + count]
+                pos += count
+                n_color = len(_COLOR_NDIMS[self.color_ops])
+                color_args = [self._on_device(x) for x in group_inputs[:n_color]]
+                taps_row, taps_col = (fn.per_frame(t) for t in group_inputs[n_color : n_color + 2])
+                crops = [
+                    fn.resize(
+                        images,
+                        roi_start=per_view[v][0],
+                        roi_end=per_view[v][1],
+                        roi_relative=False,
+                        size=(self._views[v].size, self._views[v].size),
+                        interp_type=types.INTERP_CUBIC,
+                        antialias=True,
+                    )
+                    for v in group
+                ]
+                # One sequence (F, H, W, C) per crop size: the color and blur operators run once
+                # per group of views instead of once per view.
+                x = fn.cast(fn.stack(*crops, axis=0), dtype=types.FLOAT)
+                rgb = (x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2])
+                color = self._pil_color if self.color_ops == "pil" else self._affine_color
+                rgb = color(rgb, *color_args)
+                # cast rounds and saturates: the affine path's single clamp; exact for the PIL path.
+                jittered = fn.reshape(fn.cast(fn.stack(*rgb, axis=3), dtype=types.UINT8), layout="FHWC")
+                seq = pil_ops.box_blur(fn, jittered, taps_row, taps_col)
+                if count > n_color + 2:
+                    chosen = self._on_device(group_inputs[-1])
                     # For uint8, 255 - x == x ^ 255.
-                    view_out = view_out ^ (chosen * (view_out >= aug.solarize_threshold) * np.uint8(255))
-                outputs.append(
-                    fn.crop_mirror_normalize(
-                        view_out,
-                        mirror=flip,
+                    seq = seq ^ (chosen * (seq >= aug.solarize_threshold) * np.uint8(255))
+                for frame, v in enumerate(group):
+                    outputs[v] = fn.crop_mirror_normalize(
+                        seq[frame],
+                        mirror=per_view[v][2],
                         mean=norm_mean,
                         std=norm_std,
                         dtype=out_type,
                         output_layout="CHW",
                     )
-                )
             pipe.set_outputs(*outputs)
         pipe.build()
         return pipe
@@ -348,15 +372,12 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         """A CPU input as an operand of the crop's arithmetic (GPU data on a GPU)."""
         return node.gpu() if self.device_id is not None else node
 
-    def _pil_color(self, crop, *args):
-        fn, types = self._fn, self._types
-        alpha, contrast, saturation, hue_shift, hue_on, gray = (self._on_device(a) for a in args)
+    def _pil_color(self, rgb, alpha, contrast, saturation, hue_shift, hue_on, gray):
+        fn = self._fn
 
         def mean(plane):
-            return fn.reductions.mean(plane)
+            return fn.reductions.mean(plane, axes=[1, 2], keep_dims=True)
 
-        x = fn.cast(crop, dtype=types.FLOAT)
-        rgb = (x[:, :, 0], x[:, :, 1], x[:, :, 2])
         # ColorJitter's steps in their drawn order: up to three enhance steps before the hue
         # step and up to three after it (see jitter_slots), each 8-bit like PIL.
         for slot in range(6):
@@ -364,19 +385,16 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                 rgb = pil_ops.shift_hue(rgb, hue_shift, hue_on)
             rgb = pil_ops.enhance(rgb, alpha[slot], contrast[slot], saturation[slot], mean)
         luma = pil_ops.luma(*rgb)
-        rgb = tuple(c + gray * (luma - c) for c in rgb)
-        # Whole numbers 0..255 already: the cast is exact.
-        return fn.reshape(fn.cast(fn.stack(*rgb, axis=2), dtype=types.UINT8), layout="HWC")
+        return tuple(c + gray * (luma - c) for c in rgb)
 
-    def _affine_color(self, crop, matrix, coefficient, truncations):
-        fn, types = self._fn, self._types
+    def _affine_color(self, rgb, matrix, coefficient, truncations):
+        fn = self._fn
+        r, g, b = rgb
         # Contrast pivots on the crop's gray mean (PIL's ImageEnhance.Contrast).
-        channel_mean = fn.reductions.mean(crop, axes=[0, 1], keep_dims=True, dtype=types.FLOAT)
-        gray_mean = fn.coord_transform(channel_mean, M=LUMA_WEIGHTS.tolist(), dtype=types.FLOAT)
-        mixed = fn.coord_transform(crop, M=matrix, dtype=types.FLOAT)
-        # cast rounds and saturates: the clamp of PIL's uint8 images, once.
-        shift = self._on_device(coefficient) * gray_mean - self._on_device(truncations)
-        return fn.cast(mixed + shift, dtype=types.UINT8)
+        w = LUMA_WEIGHTS.tolist()
+        gray_mean = fn.reductions.mean(r * w[0] + g * w[1] + b * w[2], axes=[1, 2], keep_dims=True)
+        shift = coefficient * gray_mean - truncations
+        return tuple(matrix[c][0] * r + matrix[c][1] * g + matrix[c][2] * b + shift for c in range(3))
 
     def _probe_decode(self, path: str) -> bool:
         """Whether this loader's decoder (mixed or cpu) decodes ``path`` on its own."""
