@@ -1,10 +1,11 @@
 """DALI's views against the official torchvision/PIL ops fed the same parameters, on real photos.
 
 Two levels: ``pil_ops`` on its own against PIL (bit-exact but for rare float32 ties in the HSV
-conversion), and the whole DALI pipeline against ``replay_view`` of its own plan, per op and for
-the full augmentation, over every view. The residue there is the cubic resize (DALI's cubic
-against PIL's bicubic, ~0.21 gray levels per pixel on average, no bias); before the ops followed
-PIL, brightness/contrast/saturation were biased by +0.4 levels, hue was off by 5.0 and blur by 0.8.
+conversion and the box sums), and the whole DALI pipeline against ``replay_view`` of its own
+plan, per op and for the full augmentation, over every view. The residue there is the cubic
+resize (DALI's cubic against PIL's bicubic, ~0.21 gray levels per pixel on average, no bias);
+before the ops followed PIL, brightness/contrast/saturation were biased by +0.4 levels, hue was
+off by 5.0 and blur by 0.8. ``color_ops="affine"``, the fast path, is held to its own numbers.
 """
 
 from __future__ import annotations
@@ -111,10 +112,10 @@ def test_hue_shift_matches_torchvision_on_pil() -> None:
         differs += int((diff > 0).sum())
         total += float(diff.sum())
     size = sum(image.size for image in images)
-    # PIL's HSV conversion mixes float32 and double; float32 alone lands on the other side of a
-    # truncation for ~0.2% of pixel channels (measured 0.17%), a few levels each.
-    assert differs / size < 0.005
-    assert total / size < 0.02
+    # PIL's HSV to RGB step rounds products it forms in double; float32 lands on the other
+    # side of a .5 for ~0.05% of values (measured 0.052%), by a level or two.
+    assert differs / size < 0.002
+    assert total / size < 0.005
 
 
 def test_jitter_slots_keep_the_drawn_order() -> None:

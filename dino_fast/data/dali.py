@@ -49,7 +49,7 @@ import torch
 
 from dino_fast.data import pil_ops
 from dino_fast.data.affine_color import LUMA_WEIGHTS, color_transforms
-from dino_fast.data.augment import MultiCropAugmentation, ViewParams, sample_view_params
+from dino_fast.data.augment import MultiCropAugmentation, ViewParams, ViewSpec, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
 from dino_fast.data.folders import UnusableImageError, inspect_image
 from dino_fast.data.pil_ops import box_blur_taps, hue_shift_levels
@@ -221,7 +221,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             inputs += self._group_inputs([params[v] for v in group], [self._views[v] for v in group])
         return tuple(inputs)
 
-    def _group_inputs(self, params: list[ViewParams], views: list) -> list[np.ndarray]:
+    def _group_inputs(self, params: list[ViewParams], views: list[ViewSpec]) -> list[np.ndarray]:
         """The color, blur and solarization inputs of one group of views, frames on axis 1."""
 
         def frames(arrays: list[np.ndarray], axis: int = 1) -> np.ndarray:

@@ -56,6 +56,18 @@ def enhance(rgb, alpha, contrast, saturation, mean_luma):
     return tuple(blend(degenerate, c, alpha) for c in rgb)
 
 
+def _times_255_truncated(x):
+    """``(int)(x * 255.0)`` for float32 x in [0, 1], the product exact as in PIL's double.
+
+    x * 256 is exact and so is (x * 256 - k) for the integer k below it, so the float32
+    rounding of x * 255 = x * 256 - x, which can round up onto an integer, is undone exactly.
+    """
+    dmath = _math()
+    x256 = x * 256.0
+    k = dmath.floor(x256 - x)
+    return k - ((x256 - k) < x)
+
+
 def shift_hue(rgb, shift, apply):
     """torchvision's ``adjust_hue`` on a PIL image where ``apply`` = 1; the image where 0.
 
@@ -70,22 +82,23 @@ def shift_hue(rgb, shift, apply):
     # Gray pixels (span 0) get H = S = 0 in PIL; the +1 only keeps the divisions finite.
     gray = span == 0.0
     safe_span = span + gray
-    sat = dmath.floor((span / (maxc + gray)) * 255.0)
+    sat = _times_255_truncated(span / (maxc + gray))
     rc, gc, bc = ((maxc - c) / safe_span for c in rgb)
     # PIL picks the sector by the first channel equal to the max, in R, G, B order.
     is_r = r == maxc
     is_g = (g == maxc) * (1.0 - is_r)
     is_b = 1.0 - is_r - is_g
     h = is_r * (bc - gc) + is_g * (2.0 + rc - bc) + is_b * (4.0 + gc - rc)
-    turns = h / 6.0 + 1.0
-    hue = dmath.floor((turns - dmath.floor(turns)) * 255.0) * (1.0 - gray)
+    # PIL: fmod(h / 6 + 1, 1), computed in double and stored as float: h / 6 rounded once.
+    turns = h / 6.0 + (h < 0.0)
+    hue = _times_255_truncated(turns) * (1.0 - gray)
     hue = hue + shift
     hue = hue - 256.0 * (hue >= 256.0)
 
     # HSV -> RGB: sector i = floor(6 h / 255) (6 only at h = 255, which is sector 0).
-    scaled = hue * 6.0 / 255.0
-    sector = dmath.floor(scaled)
-    f = scaled - sector
+    sector = dmath.floor(hue * 6.0 / 255.0)
+    # The fraction from its exact integer numerator: one rounding, as PIL's float f.
+    f = (hue * 6.0 - 255.0 * sector) / 255.0
     sector = sector - 6.0 * (sector >= 6.0)
     fs = sat / 255.0
     p = dmath.floor(maxc * (1.0 - fs) + 0.5)
