@@ -3,9 +3,10 @@
 The official augmentation runs torchvision on PIL images, and PIL stores every intermediate
 image as uint8. The functions here reproduce PIL's arithmetic, truncations included, in a DALI
 graph (CPU or GPU operators alike). Color functions take and return the three channel planes
-``(r, g, b)`` as float32 ``(H, W)`` DataNodes holding whole numbers 0..255; per-sample
-arguments are DataNodes of shape ``(1,)`` or plain numbers. The sources they follow (Pillow
-13, torchvision 0.29):
+``(r, g, b)`` as float32 DataNodes holding whole numbers 0..255, ``(H, W)`` or ``(F, H, W)``
+for a sequence of views; per-image arguments broadcast against them (shape ``(1,)``, or
+``(F, 1, 1)`` per frame) or are plain numbers. The sources they follow (Pillow 13,
+torchvision 0.29):
 
 - ``convert("L")``: ``(19595 R + 38470 G + 7471 B + 2^15) >> 16`` (Convert.c, ``L24``).
 - ``Image.blend(a, b, alpha)``: ``(uint8)(a + alpha (b - a))`` in float32, clipped: it
@@ -46,7 +47,7 @@ def enhance(rgb, alpha, contrast, saturation, mean_luma):
 
     The degenerate image is black (brightness), the constant rounded mean luma (``contrast`` =
     1) or the per-pixel luma (``saturation`` = 1); ``alpha`` = 1 leaves the image unchanged.
-    ``mean_luma(l)`` reduces a luma plane to its per-sample mean.
+    ``mean_luma(l)`` reduces a luma plane to its mean per image (per frame of a sequence).
     """
     dmath = _math()
     r, g, b = rgb
