@@ -70,6 +70,7 @@ def measure_pipeline(args: argparse.Namespace, pipeline: str, root: Path | None)
         device=device,
         dtype=dtype,
         num_workers=args.num_workers,
+        **({"color_ops": args.color_ops} if pipeline == "dali" else {}),
     )
     workers = getattr(loader, "num_workers", None) or getattr(loader, "num_threads", None)
 
@@ -96,6 +97,7 @@ def measure_pipeline(args: argparse.Namespace, pipeline: str, root: Path | None)
     rate = images / seconds
     return {
         "pipeline": pipeline,
+        "color_ops": args.color_ops if pipeline == "dali" else None,
         "device": str(device),
         "dtype": args.dtype,
         "batch_size": args.batch_size,
@@ -123,6 +125,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument(
         "--num_workers", type=int, default=None, help="workers (torchvision) / threads (DALI)"
+    )
+    parser.add_argument(
+        "--color_ops", default="pil", choices=["pil", "affine"], help="DALI's color jitter (see README)"
     )
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

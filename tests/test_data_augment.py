@@ -11,9 +11,9 @@ import torch
 import torchvision.transforms.functional as TF
 from torchvision import transforms
 
+from dino_fast.data.affine_color import color_transforms
 from dino_fast.data.augment import (
     MultiCropAugmentation,
-    color_transforms,
     sample_crop_boxes,
     sample_view_params,
 )
@@ -109,7 +109,7 @@ def test_color_transform_equals_every_order_of_torchvision_jitter(grayscale: boo
     rng = np.random.default_rng(3)
     image = rng.uniform(0.35, 0.6, size=(7, 5, 3))
     b, c, s = 1.15, 0.8, 1.2
-    m, k = color_transforms(
+    m, k, _ = color_transforms(
         np.array([b]), np.array([c]), np.array([s]), np.array([0.0]), np.array([grayscale])
     )
     ours = _apply(m[0], k[0], image)
@@ -136,7 +136,7 @@ def test_hue_rotation_moves_hue_like_torchvision(hue: float) -> None:
     angles = np.linspace(0, 1, 24, endpoint=False)
     hsv = torch.tensor(np.stack([angles, np.full(24, 0.6), np.full(24, 0.8)], axis=1))
     rgb = _hsv_to_rgb(hsv.numpy())
-    m, k = color_transforms(np.ones(1), np.ones(1), np.ones(1), np.array([hue]), np.zeros(1, dtype=bool))
+    m, k, t = color_transforms(np.ones(1), np.ones(1), np.ones(1), np.array([hue]), np.zeros(1, dtype=bool))
     ours = rgb @ m[0].T
     ref = TF.adjust_hue(torch.from_numpy(rgb.T[:, :, None].copy()), hue)[:, :, 0].T.numpy()
     shift_ours = _wrap(_rgb_to_hue(ours) - angles)
@@ -147,7 +147,7 @@ def test_hue_rotation_moves_hue_like_torchvision(hue: float) -> None:
     assert shift_ours.mean() == pytest.approx(hue, rel=0.1)
     assert np.abs(shift_ours - shift_ref).max() < 0.55 * abs(hue)
     assert (np.sign(shift_ours) == np.sign(hue)).all()
-    assert k[0] == 0.0
+    assert k[0] == 0.0 and t[0] == 0.0  # factors of 1: no blend, nothing truncated
 
 
 def _wrap(x: np.ndarray) -> np.ndarray:
@@ -183,15 +183,30 @@ def test_view_params_probabilities_and_neutral_values() -> None:
     assert local.blur.mean() == pytest.approx(0.5, abs=tol)
     assert global2.solarize.mean() == pytest.approx(0.2, abs=tol) and not global1.solarize.any()
     assert not local.solarize.any()
-    # Where jitter does not apply its factors are neutral, so the color matrix is the
-    # identity (or the gray projection) and the contrast offset vanishes.
-    off = ~global1.jitter & ~global1.grayscale
-    np.testing.assert_allclose(
-        global1.color_matrix[off], np.broadcast_to(np.eye(3), (off.sum(), 3, 3)), atol=1e-12
-    )
-    assert np.all(global1.color_offset[~global1.jitter] == 0)
+    # Where jitter does not apply its factors are neutral.
+    off = ~global1.jitter
+    assert (global1.brightness[off] == 1).all() and (global1.contrast[off] == 1).all()
+    assert (global1.saturation[off] == 1).all() and (global1.hue[off] == 0).all()
+    # ColorJitter's order is a permutation of its four steps, each of the 24 about equally
+    # often (n / 24 ~ 833 per order; 4.5 binomial standard deviations ~ 130).
+    assert (np.sort(global1.order, axis=1) == np.arange(4)).all()
+    counts = np.unique(global1.order @ (4 ** np.arange(4)), return_counts=True)[1]
+    assert len(counts) == 24 and np.abs(counts - n / 24).max() < 4.5 * math.sqrt(n / 24)
     on = global1.jitter
     assert global1.brightness[on].min() >= 0.6 and global1.brightness[on].max() <= 1.4
     assert global1.saturation[on].min() >= 0.8 and global1.saturation[on].max() <= 1.2
     assert np.abs(global1.hue[on]).max() <= 0.1
     assert global1.sigma[global1.blur].min() >= 0.1 and global1.sigma[global1.blur].max() <= 2.0
+
+
+def test_affine_truncation_offset_counts_the_blends_that_truncate() -> None:
+    # PIL copies the image for a factor of exactly 1 (no blend, no truncation); every other
+    # factor truncates once, half a level on average.
+    _, _, t = color_transforms(
+        np.array([1.2, 1.0, 0.7]),
+        np.array([1.0, 1.0, 1.3]),
+        np.array([0.9, 1.0, 1.1]),
+        np.zeros(3),
+        np.zeros(3, dtype=bool),
+    )
+    assert t.tolist() == [1.0, 0.0, 1.5]

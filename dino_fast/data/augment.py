@@ -19,23 +19,9 @@ place, reproducible under a seed and inspectable by tests):
 - ``sample_crop_boxes`` is torchvision's ``RandomResizedCrop.get_params`` vectorized: ten
   attempts of (area ~ U(scale) * H * W, log-aspect ~ U(log ratio)), first fitting box wins,
   center-crop fallback with the aspect ratio clamped into ``ratio``.
-- ``color_transforms`` turns jitter/grayscale draws into one affine color transform per view:
-  ``out = clamp(M @ rgb + k * gray_mean(crop))``. Derivation (rgb in [0, 255], w = luma
-  weights (0.299, 0.587, 0.114), m = mean over the crop of w . rgb):
-    brightness b:  x -> b x
-    contrast   c:  x -> c x + (1 - c) m' 1     (m' = gray mean of the image it is applied to)
-    saturation s:  x -> S x,  S = s I + (1 - s) 1 w^T
-    hue        h:  x -> H x,  H = Y^-1 R(-2 pi h) Y   (rotation of the I/Q plane of YIQ)
-    grayscale:     x -> G x,  G = 1 w^T
-  S 1 = H 1 = 1 and w^T S = w^T H = w^T (gray is invariant), so the gray mean seen by the
-  contrast step is b m whatever the order, the four jitter steps commute exactly, and
-  G H S = G. Hence, for any order of the jitter steps followed by optional grayscale,
-    M = c b (G if grayscale else H S),   k = (1 - c) b.
-  "Not applied" is just b = c = s = 1, h = 0, so per-sample conditionals cost nothing.
-  Where this differs from torchvision (documented in ``dino_fast.data.dali`` too): PIL clamps
-  and rounds to uint8 after each jitter step (here: once, at the end), and torchvision's hue
-  shifts the HSV hue channel, a piecewise-linear map, where this rotates the YIQ chroma plane
-  (the two agree on the direction and amount of the hue change, not pixel for pixel).
+- ColorJitter's draws are kept as torchvision makes them: four factors and the order of
+  its four steps (``torch.randperm(4)``: 0 brightness, 1 contrast, 2 saturation, 3 hue).
+  ``dino_fast.data.pil_ops`` applies them with PIL's 8-bit arithmetic.
 - ``sample_view_params`` draws everything one view needs for a batch.
 """
 
@@ -49,14 +35,6 @@ import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-# ITU-R 601-2 luma, the weights of PIL's convert("L") and of the Y row of YIQ.
-LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float64)
-_RGB_TO_YIQ = np.array(
-    [[0.299, 0.587, 0.114], [0.595716, -0.274453, -0.321263], [0.211456, -0.522591, 0.311135]],
-    dtype=np.float64,
-)
-_YIQ_TO_RGB = np.linalg.inv(_RGB_TO_YIQ)
 
 
 @dataclass(frozen=True)
@@ -204,42 +182,6 @@ def sample_crop_boxes(
     return np.stack([top, left, box_h, box_w], axis=1)
 
 
-def hue_matrices(hue: np.ndarray) -> np.ndarray:
-    """(n, 3, 3) RGB matrices rotating the YIQ chroma plane by a hue shift of ``hue`` turns.
-
-    A positive HSV hue shift moves red towards yellow, which is a negative angle in the I/Q
-    plane (red sits at +19.5 degrees, yellow at -44 degrees), hence the minus sign.
-    """
-    theta = -2.0 * np.pi * np.asarray(hue, dtype=np.float64)
-    n = theta.shape[0]
-    rot = np.zeros((n, 3, 3))
-    rot[:, 0, 0] = 1.0
-    rot[:, 1, 1] = np.cos(theta)
-    rot[:, 1, 2] = -np.sin(theta)
-    rot[:, 2, 1] = np.sin(theta)
-    rot[:, 2, 2] = np.cos(theta)
-    return _YIQ_TO_RGB[None] @ rot @ _RGB_TO_YIQ[None]
-
-
-def color_transforms(
-    brightness: np.ndarray,
-    contrast: np.ndarray,
-    saturation: np.ndarray,
-    hue: np.ndarray,
-    grayscale: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample ``(M (n,3,3), k (n,))`` with ``out = M @ rgb + k * gray_mean`` (see module doc)."""
-    b = np.asarray(brightness, dtype=np.float64)
-    c = np.asarray(contrast, dtype=np.float64)
-    s = np.asarray(saturation, dtype=np.float64)[:, None, None]
-    ones_w = np.outer(np.ones(3), LUMA_WEIGHTS)[None]
-    sat = s * np.eye(3)[None] + (1.0 - s) * ones_w
-    color = hue_matrices(hue) @ sat
-    gray = np.asarray(grayscale, dtype=bool)[:, None, None]
-    m = (c * b)[:, None, None] * np.where(gray, ones_w, color)
-    return m, (1.0 - c) * b
-
-
 @dataclass(frozen=True)
 class ViewParams:
     """Random parameters of one view for a batch of n images (all numpy, host memory).
@@ -247,8 +189,8 @@ class ViewParams:
     ``boxes`` (n, 4) int64 as (top, left, height, width); ``flip`` (n,) bool;
     ``jitter`` / ``grayscale`` / ``blur`` / ``solarize`` (n,) bool: whether each op applies;
     ``brightness``, ``contrast``, ``saturation``, ``hue``, ``sigma`` (n,) float64 (neutral values
-    where the op does not apply); ``color_matrix`` (n, 3, 3) and ``color_offset`` (n,) from
-    ``color_transforms``.
+    where the op does not apply); ``order`` (n, 4) int64: the jitter steps in the order applied
+    (0 brightness, 1 contrast, 2 saturation, 3 hue).
     """
 
     boxes: np.ndarray
@@ -262,8 +204,7 @@ class ViewParams:
     blur: np.ndarray
     sigma: np.ndarray
     solarize: np.ndarray
-    color_matrix: np.ndarray
-    color_offset: np.ndarray
+    order: np.ndarray
 
 
 def sample_view_params(
@@ -291,7 +232,8 @@ def sample_view_params(
     blur = rng.random(n) <= view.blur_p if view.blur_p > 0 else np.zeros(n, dtype=bool)
     sigma = np.where(blur, rng.uniform(aug.blur_sigma[0], aug.blur_sigma[1], size=n), 0.0)
     solarize = rng.random(n) < view.solarize_p
-    matrix, offset = color_transforms(brightness, contrast, saturation, hue, grayscale)
+    # A uniform random permutation per view, like torch.randperm(4).
+    order = np.argsort(rng.random((n, 4)), axis=1)
     return ViewParams(
         boxes=boxes,
         flip=flip,
@@ -304,6 +246,5 @@ def sample_view_params(
         blur=blur,
         sigma=sigma,
         solarize=solarize,
-        color_matrix=matrix,
-        color_offset=offset,
+        order=order,
     )

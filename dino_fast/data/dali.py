@@ -1,31 +1,30 @@
 """The DINO multi-crop pipeline in NVIDIA DALI: decode on the GPU, every view in one pipeline.
 
 One DALI pipeline reads the files of a batch, decodes each image once (``mixed``: nvJPEG /
-the hardware decoder on a GPU; ``cpu`` without one) and emits all 2 + L views; per view:
+the hardware decoder on a GPU; ``cpu`` without one) and emits all 2 + L views. The views of
+one size (the globals, the locals) are cropped one by one, then stacked into one sequence that
+the color and blur operators process at once (a launch per group, not per view); per view:
 
     resize(ROI = crop box, cubic, antialiased)            RandomResizedCrop, bicubic
-    coord_transform(M) + k * gray mean, cast to uint8     color jitter (p = 0.8) + grayscale
-    gaussian_blur(sigma, window)                          blur with per-sample sigma and p
+    6 enhance slots around one HSV hue shift (pil_ops)    color jitter (p = 0.8), drawn order
+    luma where chosen                                     grayscale
+    3 + 3 box filter passes (pil_ops)                     PIL's GaussianBlur, per-sample sigma, p
     x ^ 255 where x >= 128 and chosen                     solarization (global view 2 only)
     crop_mirror_normalize(mirror, mean, std, CHW, fp16)   flip + ImageNet normalization
 
 Every random decision is drawn on the host by ``augment.sample_view_params`` (numpy, seeded
 by (seed, epoch, rank, step)) and fed to the operators as per-sample arguments, so a
 per-sample conditional never costs a branch or a blend: an op that does not apply gets its
-neutral argument (identity color matrix, a 1-tap blur window, a zero solarization mask).
+neutral argument (enhance factor 1, hue switch 0, an identity box tap, a zero solarization mask).
 The crop sampler is torchvision's RandomResizedCrop algorithm; image sizes come from the
 folder check (``folders.check_images``), and the decoder ignores EXIF orientation so that
 the decoded size is the stored one, as with PIL.
 
 Where this differs from the torchvision reference (``dino_fast.data.torchvision_pipeline``):
-- color jitter: torchvision applies brightness, contrast, saturation and hue in a random
-  order, clamping and rounding to uint8 after each. Here the four are one affine color
-  transform; brightness, contrast (about the crop's gray mean, as in PIL) and saturation
-  commute exactly, so only the clamping differs: one clamp at the end instead of one per
-  step. Hue is a rotation of the YIQ chroma plane instead of a shift of the HSV hue channel
-  (same direction and amount of hue change, not the same pixels). See ``augment``.
-- blur: a true Gaussian with window 2 * ceil(3 sigma) + 1 where PIL approximates it with
-  three box blurs; the cubic resize matches PIL's bicubic to ~0.2 gray levels on average.
+the color and blur steps redo PIL's 8-bit arithmetic (``pil_ops``), so fed the same
+parameters the two agree but for the resize (DALI's cubic against PIL's bicubic, ~0.2 gray
+levels on average) and float32 ties of one level (tests/test_dali_fidelity.py).
+``color_ops="affine"`` trades the color fidelity for fewer operators (``affine_color``).
 Statistics of the two pipelines (flip, grayscale and solarization rates, crop areas, output
 mean and std) are compared in tests/test_data_agreement.py.
 
@@ -48,9 +47,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dino_fast.data.augment import LUMA_WEIGHTS, MultiCropAugmentation, ViewParams, sample_view_params
+from dino_fast.data import pil_ops
+from dino_fast.data.affine_color import LUMA_WEIGHTS, color_transforms
+from dino_fast.data.augment import MultiCropAugmentation, ViewParams, ViewSpec, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
 from dino_fast.data.folders import UnusableImageError, inspect_image
+from dino_fast.data.pil_ops import box_blur_taps, hue_shift_levels
 from dino_fast.optional import require
 
 logger = logging.getLogger("dino_fast.data")
@@ -63,6 +65,38 @@ def _import_dali():
     pipeline = require("nvidia.dali.pipeline", needed_for)
     plugin = require("nvidia.dali.plugin.pytorch", needed_for)
     return fn, types, pipeline.Pipeline, plugin.feed_ndarray
+
+
+# The color inputs of a group of F views, by ``color_ops``: the rank of each array. Per frame
+# values have shape (F, 1, 1) to broadcast over the group's (F, H, W) channel planes.
+# "pil": 3 x (6, F, 1, 1) enhance slots, the hue shift and switch, the grayscale switch;
+# "affine": the color matrix (3, 3, F, 1, 1), the gray-mean coefficient, the truncation offset.
+_COLOR_NDIMS = {"pil": [4, 4, 4, 3, 3, 3], "affine": [5, 3, 3]}
+
+
+def jitter_slots(p: ViewParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ColorJitter's brightness, contrast and saturation steps placed in the graph's six
+    enhance slots: slots 0-2 run before the hue step, 3-5 after it.
+
+    The step at position k of ``p.order`` goes to slot k if it comes before hue, k + 2 if after,
+    so the drawn order is kept; unused slots get alpha = 1 (unchanged). Returns ``alpha``
+    (the factor), ``contrast`` and ``saturation`` (0/1, which degenerate image), each (n, 6) float32.
+    """
+    n = len(p.order)
+    position = np.arange(4)[None, :]
+    hue_at = np.argmax(p.order == 3, axis=1)[:, None]
+    slot = np.where(position < hue_at, position, position + 2)
+    used = (p.order != 3) & p.jitter[:, None]
+    rows = np.broadcast_to(np.arange(n)[:, None], (n, 4))[used]
+    op = p.order[used]
+    factors = np.stack([p.brightness, p.contrast, p.saturation], axis=1)
+    alpha = np.ones((n, 6), dtype=np.float32)
+    contrast = np.zeros((n, 6), dtype=np.float32)
+    saturation = np.zeros((n, 6), dtype=np.float32)
+    alpha[rows, slot[used]] = factors[rows, op]
+    contrast[rows, slot[used]] = op == 1
+    saturation[rows, slot[used]] = op == 2
+    return alpha, contrast, saturation
 
 
 @dataclass(frozen=True)
@@ -88,7 +122,9 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
     ``num_threads``: DALI CPU threads (default: this rank's share of the cores; 2-8 on a GPU).
     ``check``: the ``check_images`` mode run at construction. ``prefetch_queue_depth``: batches
     DALI prepares ahead of the one being consumed. ``hw_decoder_load``: the share of JPEGs the
-    ``mixed`` decoder sends to the GPU's hardware JPEG engines.
+    ``mixed`` decoder sends to the GPU's hardware JPEG engines. ``color_ops``: "pil" (PIL's
+    8-bit color jitter, as the official pipeline) or "affine" (one color transform per view:
+    fewer operators, hue and clamping approximate; see ``affine_color``).
     """
 
     def __init__(
@@ -106,7 +142,10 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         check: str = "header",
         prefetch_queue_depth: int = 2,
         hw_decoder_load: float = 0.65,
+        color_ops: str = "pil",
     ) -> None:
+        if color_ops not in _COLOR_NDIMS:
+            raise ValueError(f"color_ops must be one of {', '.join(_COLOR_NDIMS)}, got {color_ops!r}")
         self._fn, self._types, self._Pipeline, self._feed_ndarray = _import_dali()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -128,6 +167,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         self.num_threads = num_threads or _default_threads(device)
         self.prefetch_queue_depth = prefetch_queue_depth
         self.hw_decoder_load = hw_decoder_load
+        self.color_ops = color_ops
         self.device_id = (
             (device.index if device.index is not None else torch.cuda.current_device())
             if (device.type == "cuda")
@@ -144,6 +184,9 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         self._feed: _Feed | None = None
         self._pipe_dirty = False
         self._views = augment.views()
+        # Views of one size go through the color and blur operators together.
+        sizes = sorted({v.size for v in self._views}, reverse=True)
+        self._groups = [[v.index for v in self._views if v.size == size] for size in sizes]
 
     # ----------------------------------------------------------------- planning (host side)
     def _path(self, i: int) -> str:
@@ -166,21 +209,48 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         offsets = self._path_offsets
         paths = [self._path_bytes[offsets[i] : offsets[i + 1]] for i in indices]
         inputs: list = [paths]
-        for view, p in zip(self._views, self._step_params(epoch, step, indices), strict=True):
+        params = self._step_params(epoch, step, indices)
+        for p in params:
             top, left, h, w = (p.boxes[:, j].astype(np.float32) for j in range(4))
-            window = np.where(p.blur, 2 * np.ceil(3 * p.sigma) + 1, 1).astype(np.int32)
             inputs += [
                 np.stack([top, left], axis=1),
                 np.stack([top + h, left + w], axis=1),
-                p.color_matrix.astype(np.float32),
-                p.color_offset.astype(np.float32)[:, None],
-                np.where(p.blur, p.sigma, 1.0).astype(np.float32),
-                window,
                 p.flip.astype(np.int32),
             ]
-            if view.solarize_p > 0:
-                inputs.append(p.solarize.astype(np.uint8)[:, None])
+        for group in self._groups:
+            inputs += self._group_inputs([params[v] for v in group], [self._views[v] for v in group])
         return tuple(inputs)
+
+    def _group_inputs(self, params: list[ViewParams], views: list[ViewSpec]) -> list[np.ndarray]:
+        """The color, blur and solarization inputs of one group of views, frames on axis 1."""
+
+        def frames(arrays: list[np.ndarray], axis: int = 1) -> np.ndarray:
+            return np.stack(arrays, axis=axis).astype(np.float32)[..., None, None]
+
+        if self.color_ops == "affine":
+            transforms = [
+                color_transforms(p.brightness, p.contrast, p.saturation, p.hue, p.grayscale) for p in params
+            ]
+            color = [
+                frames([m for m, _, _ in transforms], axis=3),
+                frames([k for _, k, _ in transforms]),
+                frames([t for _, _, t in transforms]),
+            ]
+        else:
+            slots = [jitter_slots(p) for p in params]
+            color = [frames([s[i] for s in slots], axis=2) for i in range(3)]
+            color += [
+                frames([hue_shift_levels(p.hue) for p in params]),
+                frames([p.jitter for p in params]),
+                frames([p.grayscale for p in params]),
+            ]
+        taps = np.stack([box_blur_taps(p.sigma, p.blur, self.augment.blur_sigma[1]) for p in params], axis=1)
+        inputs = [*color, taps[:, :, None, :], np.ascontiguousarray(taps[:, :, :, None])]
+        if any(v.solarize_p > 0 for v in views):
+            inputs.append(
+                np.stack([p.solarize for p in params], axis=1).astype(np.uint8)[:, :, None, None, None]
+            )
+        return inputs
 
     def _source(self) -> tuple:
         feed = self._feed
@@ -191,8 +261,13 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         return self._step_inputs(feed.epoch, step, feed.plan[step])
 
     # ----------------------------------------------------------------- the DALI graph
+    def _group_input_count(self, group: list[int]) -> int:
+        # The color inputs, the box blur's row and column taps, the solarization switch.
+        solarize = any(self._views[v].solarize_p > 0 for v in group)
+        return len(_COLOR_NDIMS[self.color_ops]) + 2 + solarize
+
     def _num_inputs(self) -> int:
-        return 1 + sum(8 if v.solarize_p > 0 else 7 for v in self._views)
+        return 1 + 3 * len(self._views) + sum(self._group_input_count(g) for g in self._groups)
 
     def _build(self, decoder_check: bool = False):
         fn, types = self._fn, self._types
@@ -207,23 +282,20 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         aug = self.augment
         dtypes = [types.UINT8]
         ndims = [1]
-        for view in self._views:
-            dtypes += [
-                types.FLOAT,
-                types.FLOAT,
-                types.FLOAT,
-                types.FLOAT,
-                types.FLOAT,
-                types.INT32,
-                types.INT32,
-            ]
-            ndims += [1, 1, 2, 1, 0, 0, 0]
-            if view.solarize_p > 0:
+        for _ in self._views:
+            dtypes += [types.FLOAT, types.FLOAT, types.INT32]
+            ndims += [1, 1, 0]
+        for group in self._groups:
+            color = _COLOR_NDIMS[self.color_ops]
+            dtypes += [types.FLOAT] * (len(color) + 2)
+            ndims += [*color, 3, 3]
+            if self._group_input_count(group) > len(color) + 2:
                 dtypes.append(types.UINT8)
-                ndims.append(1)
+                ndims.append(4)
         out_type = types.FLOAT16 if self.dtype in (torch.float16, torch.bfloat16) else types.FLOAT
-        mean = [255.0 * m for m in aug.mean]
-        std = [255.0 * s for s in aug.std]
+        norm_mean = [255.0 * m for m in aug.mean]
+        norm_std = [255.0 * s for s in aug.std]
+
         # The pipeline reaches its loader through a weak reference: a bound method would make a
         # cycle that only the garbage collector frees, and a collection inside a forked DataLoader
         # worker runs the pipeline's destructor without its threads (a segfault).
@@ -248,42 +320,81 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                 adjust_orientation=False,
                 **decoder_args,
             )
-            outputs = []
-            pos = 1
-            for view in self._views:
-                roi_start, roi_end, matrix, offset, sigma, window, flip = inputs[pos : pos + 7]
-                pos += 7
-                crop = fn.resize(
-                    images,
-                    roi_start=roi_start,
-                    roi_end=roi_end,
-                    roi_relative=False,
-                    size=(view.size, view.size),
-                    interp_type=types.INTERP_CUBIC,
-                    antialias=True,
-                )
-                # Contrast pivots on the crop's gray mean (PIL's ImageEnhance.Contrast).
-                channel_mean = fn.reductions.mean(crop, axes=[0, 1], keep_dims=True, dtype=types.FLOAT)
-                gray_mean = fn.coord_transform(channel_mean, M=LUMA_WEIGHTS.tolist(), dtype=types.FLOAT)
-                mixed = fn.coord_transform(crop, M=matrix, dtype=types.FLOAT)
-                shift = (offset.gpu() if on_gpu else offset) * gray_mean
-                # cast rounds and saturates: the clamp of PIL's uint8 images.
-                jittered = fn.cast(mixed + shift, dtype=types.UINT8)
-                view_out = fn.gaussian_blur(jittered, sigma=sigma, window_size=window)
-                if view.solarize_p > 0:
-                    chosen = inputs[pos]
-                    pos += 1
-                    chosen = chosen.gpu() if on_gpu else chosen
-                    # For uint8, 255 - x == x ^ 255.
-                    view_out = view_out ^ (chosen * (view_out >= aug.solarize_threshold) * np.uint8(255))
-                outputs.append(
-                    fn.crop_mirror_normalize(
-                        view_out, mirror=flip, mean=mean, std=std, dtype=out_type, output_layout="CHW"
+            per_view = [inputs[1 + 3 * v : 4 + 3 * v] for v in range(len(self._views))]
+            pos = 1 + 3 * len(self._views)
+            outputs: list = [None] * len(self._views)
+            for group in self._groups:
+                count = self._group_input_count(group)
+                group_inputs = inputs[pos : pos + count]
+                pos += count
+                n_color = len(_COLOR_NDIMS[self.color_ops])
+                color_args = [self._on_device(x) for x in group_inputs[:n_color]]
+                taps_row, taps_col = (fn.per_frame(t) for t in group_inputs[n_color : n_color + 2])
+                crops = [
+                    fn.resize(
+                        images,
+                        roi_start=per_view[v][0],
+                        roi_end=per_view[v][1],
+                        roi_relative=False,
+                        size=(self._views[v].size, self._views[v].size),
+                        interp_type=types.INTERP_CUBIC,
+                        antialias=True,
                     )
-                )
+                    for v in group
+                ]
+                # One sequence (F, H, W, C) per crop size: the color and blur operators run once
+                # per group of views instead of once per view.
+                x = fn.cast(fn.stack(*crops, axis=0), dtype=types.FLOAT)
+                rgb = (x[:, :, :, 0], x[:, :, :, 1], x[:, :, :, 2])
+                color = self._pil_color if self.color_ops == "pil" else self._affine_color
+                rgb = color(rgb, *color_args)
+                # cast rounds and saturates: the affine path's single clamp; exact for the PIL path.
+                jittered = fn.reshape(fn.cast(fn.stack(*rgb, axis=3), dtype=types.UINT8), layout="FHWC")
+                seq = pil_ops.box_blur(fn, jittered, taps_row, taps_col)
+                if count > n_color + 2:
+                    chosen = self._on_device(group_inputs[-1])
+                    # For uint8, 255 - x == x ^ 255.
+                    seq = seq ^ (chosen * (seq >= aug.solarize_threshold) * np.uint8(255))
+                for frame, v in enumerate(group):
+                    outputs[v] = fn.crop_mirror_normalize(
+                        seq[frame],
+                        mirror=per_view[v][2],
+                        mean=norm_mean,
+                        std=norm_std,
+                        dtype=out_type,
+                        output_layout="CHW",
+                    )
             pipe.set_outputs(*outputs)
         pipe.build()
         return pipe
+
+    def _on_device(self, node):
+        """A CPU input as an operand of the crop's arithmetic (GPU data on a GPU)."""
+        return node.gpu() if self.device_id is not None else node
+
+    def _pil_color(self, rgb, alpha, contrast, saturation, hue_shift, hue_on, gray):
+        fn = self._fn
+
+        def mean(plane):
+            return fn.reductions.mean(plane, axes=[1, 2], keep_dims=True)
+
+        # ColorJitter's steps in their drawn order: up to three enhance steps before the hue
+        # step and up to three after it (see jitter_slots), each 8-bit like PIL.
+        for slot in range(6):
+            if slot == 3:
+                rgb = pil_ops.shift_hue(rgb, hue_shift, hue_on)
+            rgb = pil_ops.enhance(rgb, alpha[slot], contrast[slot], saturation[slot], mean)
+        luma = pil_ops.luma(*rgb)
+        return tuple(c + gray * (luma - c) for c in rgb)
+
+    def _affine_color(self, rgb, matrix, coefficient, truncations):
+        fn = self._fn
+        r, g, b = rgb
+        # Contrast pivots on the crop's gray mean (PIL's ImageEnhance.Contrast).
+        w = LUMA_WEIGHTS.tolist()
+        gray_mean = fn.reductions.mean(r * w[0] + g * w[1] + b * w[2], axes=[1, 2], keep_dims=True)
+        shift = coefficient * gray_mean - truncations
+        return tuple(matrix[c][0] * r + matrix[c][1] * g + matrix[c][2] * b + shift for c in range(3))
 
     def _probe_decode(self, path: str) -> bool:
         """Whether this loader's decoder (mixed or cpu) decodes ``path`` on its own."""

@@ -24,10 +24,11 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps
 
-from dino_fast.data.augment import MultiCropAugmentation
+from dino_fast.data.augment import MultiCropAugmentation, ViewParams
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped, mix_seed
 from dino_fast.data.folders import DECODE_ERRORS, load_rgb
 from dino_fast.optional import require
@@ -258,3 +259,31 @@ class TorchvisionMultiCropLoader(FolderMultiCropLoader):
     def close(self) -> None:
         # Dropping the iterator shuts persistent workers down.
         self._loader = None  # type: ignore[assignment]
+
+
+def replay_view(image: Image.Image, params: ViewParams, sample: int, size: int, aug: MultiCropAugmentation):
+    """One view made by the official ops from given parameters (a DALI plan's, say): the
+    torchvision transforms of ``DINOTransform`` with their random draws replaced by ``params``
+    for ``sample``. Returns the uint8 ``(size, size, 3)`` image before normalization."""
+    functional = require("torchvision.transforms.functional", "replaying a view with torchvision")
+    bicubic = functional.InterpolationMode.BICUBIC
+    top, left, height, width = params.boxes[sample].tolist()
+    img = functional.resized_crop(image, top, left, height, width, [size, size], bicubic)
+    if params.flip[sample]:
+        img = functional.hflip(img)
+    if params.jitter[sample]:
+        steps = (
+            lambda x: functional.adjust_brightness(x, float(params.brightness[sample])),
+            lambda x: functional.adjust_contrast(x, float(params.contrast[sample])),
+            lambda x: functional.adjust_saturation(x, float(params.saturation[sample])),
+            lambda x: functional.adjust_hue(x, float(params.hue[sample])),
+        )
+        for step in params.order[sample]:
+            img = steps[step](img)
+    if params.grayscale[sample]:
+        img = functional.rgb_to_grayscale(img, num_output_channels=3)
+    if params.blur[sample]:
+        img = img.filter(ImageFilter.GaussianBlur(radius=float(params.sigma[sample])))
+    if params.solarize[sample]:
+        img = ImageOps.solarize(img, threshold=aug.solarize_threshold)
+    return np.asarray(img)
