@@ -134,3 +134,22 @@ def test_to_dict_is_plain():
     d = TrainConfig.from_preset("smoke").to_dict()
     assert d["global_crops_scale"] == [0.4, 1.0]
     assert all(isinstance(v, (int, float, str, bool, list, type(None))) for v in d.values())
+
+
+@pytest.mark.parametrize("color_ops", ["pil", "affine"])
+def test_dali_color_ops_reaches_the_dali_loader(tmp_path, color_ops):
+    import shutil
+
+    from data_helpers import photo_paths
+
+    from dino_fast.distributed import DistInfo
+    from dino_fast.train.loader import build_loader
+
+    for photo in photo_paths()[:4]:
+        shutil.copy(photo, tmp_path / photo.name)
+    config = TrainConfig.from_preset(
+        "smoke", data="dali", data_path=str(tmp_path), device="cpu", dali_color_ops=color_ops
+    )
+    config.validate()
+    loader = build_loader(config, DistInfo(0, 1, 0, torch.device("cpu"), None), tmp_path)
+    assert loader.color_ops == color_ops

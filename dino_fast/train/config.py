@@ -94,6 +94,9 @@ class TrainConfig:
     global_crops_size: int = ours(224, "global crop side in pixels")
     local_crops_size: int = ours(96, "local crop side in pixels")
     blur_sigma: tuple[float, float] = ours((0.1, 2.0), "Gaussian blur sigma range in pixels")
+    dali_color_ops: str = ours(
+        "pil", "DALI colour jitter: pil (exact, PIL's 8-bit ops) or affine (faster)", ("pil", "affine")
+    )
     clip_grad_mode: str = ours("per_param", "clip each gradient (official) or their norm", CLIP_GRAD_MODES)
     center_momentum: float = ours(0.9, "momentum of the teacher-output center (DINOLoss's)")
     log_interval: int = ours(10, "steps between log lines and log.jsonl records")

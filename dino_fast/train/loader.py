@@ -40,6 +40,8 @@ def build_loader(config: TrainConfig, info: distributed.DistInfo, data_root: Pat
     kwargs: dict[str, Any] = {}
     if config.data == "synthetic":
         kwargs["dataset_size"] = config.synthetic_size
+    elif config.data == "dali":
+        kwargs["color_ops"] = config.dali_color_ops
     return make_loader(
         config.data,
         None if data_root is None else str(data_root),
