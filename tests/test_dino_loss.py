@@ -19,14 +19,15 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from official_formulas import official_center_update, official_dino_loss
 from torch import nn
 
+from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
+from dino_fast.official.loss import dino_loss as official_dino_loss
+from dino_fast.official.loss import update_center as official_center_update
 from dino_fast.ops import backends, native, reference
 from dino_fast.ops import loss as dino_loss_module
 from dino_fast.ops.backends import BackendUnavailableError
@@ -597,46 +598,6 @@ def test_torch_compile_with_inductor():
         grads.append(head.weight.grad.clone())
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
-
-
-class OfficialDINOLoss(nn.Module):
-    """The official module (main_dino.py), single process, on the official formulas."""
-
-    def __init__(
-        self,
-        out_dim,
-        ncrops,
-        warmup_teacher_temp,
-        teacher_temp,
-        warmup_teacher_temp_epochs,
-        nepochs,
-        student_temp=0.1,
-        center_momentum=0.9,
-    ):
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate(
-            (
-                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-            )
-        )
-
-    def forward(self, student_output, teacher_output, epoch):
-        temp = self.teacher_temp_schedule[epoch]
-        loss = official_dino_loss(
-            student_output,
-            teacher_output,
-            self.center,
-            ncrops=self.ncrops,
-            teacher_temp=temp,
-            student_temp=self.student_temp,
-        )
-        self.center = official_center_update(self.center, teacher_output.detach(), self.center_momentum)
-        return loss
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

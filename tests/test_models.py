@@ -1,4 +1,4 @@
-"""dino_fast.models against the official DINO architecture (tests/official_vit.py): parameter names
+"""dino_fast.models against the official DINO architecture (dino_fast.official): parameter names
 and shapes, checkpoint loading, outputs, gradients, the packed multi-crop forward, drop path."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 import warnings
 
-import official_vit as official
 import pytest
 import torch
 from torch import nn
 
 from dino_fast import models
 from dino_fast.models import attention as A
+from dino_fast.official import vision_transformer as official
 
 HAS_CUDA = torch.cuda.is_available()
 

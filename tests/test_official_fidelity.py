@@ -1,7 +1,7 @@
 """dino_fast against the official training code (dino_fast.official), from the same seed.
 
 1. The same ``--seed`` gives the official initial weights, bitwise: the official models of
-   tests/official_vit.py built in ``train_dino``'s order after ``fix_random_seeds``; dino_fast's
+   dino_fast.official built in ``train_dino``'s order after ``fix_random_seeds``; dino_fast's
    truncated normal draws exactly as the official inverse-CDF one.
 2. ``Trainer.step`` follows the official step for 10 steps, fp32 on CPU, with the official
    defaults that shape the update: per-parameter clipping at 3.0, drop path 0.1, the last layer
@@ -23,16 +23,16 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-import official_vit
 import pytest
 import torch
-from test_schedules import official_cosine_scheduler
 
 from dino_fast import train as train_mod
 from dino_fast.config import TrainConfig
 from dino_fast.data import MultiCropBatch
 from dino_fast.models.init import trunc_normal_
 from dino_fast.official import training as official
+from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
+from dino_fast.official.vision_transformer import trunc_normal_ as official_trunc_normal_
 from dino_fast.train import Trainer
 
 STEPS = 10
@@ -83,7 +83,7 @@ def test_trunc_normal_draws_exactly_as_the_official_one(shape, mean, std, a, b) 
     ours = trunc_normal_(torch.empty(shape), mean=mean, std=std, a=a, b=b)
     ours_next = torch.rand(3)
     torch.manual_seed(11)
-    theirs = official.trunc_normal_(torch.empty(shape), mean=mean, std=std, a=a, b=b)
+    theirs = official_trunc_normal_(torch.empty(shape), mean=mean, std=std, a=a, b=b)
     theirs_next = torch.rand(3)
     assert torch.equal(ours, theirs)
     assert torch.equal(ours_next, theirs_next)  # the same number of draws: later draws line up
@@ -102,7 +102,7 @@ def test_trunc_normal_draws_exactly_as_the_official_one(shape, mean, std, a, b) 
 def test_seed_gives_the_official_initial_weights_bitwise(overrides: dict[str, object]) -> None:
     config = run_config(**overrides)
     official.fix_random_seeds(config.seed)
-    student, teacher = official.build_student_teacher(official_vit, config)
+    student, teacher = official.build_student_teacher(config)
     trainer = Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
     for name, ours, theirs in (("student", trainer.student, student), ("teacher", trainer.teacher, teacher)):
         expected = theirs.state_dict()
@@ -160,12 +160,12 @@ def side_by_side(
     """``STEPS`` iterations of ``trainer`` (default: built from ``config``) and of the official step
     with ``config``, from the trainer's initial weights and on the same crops."""
     trainer = trainer or Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
-    student, teacher = official.build_student_teacher(official_vit, config)
+    student, teacher = official.build_student_teacher(config)
     student.load_state_dict(trainer.student.state_dict())
     teacher.load_state_dict(trainer.teacher.state_dict())
     # train_dino's loss, optimizer and schedules, in its words (one process, len(data_loader) = 4)
     args, niter_per_ep, world_size = config, STEPS_PER_EPOCH, 1
-    dino_loss = official.DINOLoss(
+    dino_loss = OfficialDINOLoss(
         args.out_dim,
         args.local_crops_number + 2,  # total number of crops = 2 global crops + local_crops_number
         args.warmup_teacher_temp,
@@ -174,17 +174,17 @@ def side_by_side(
         args.epochs,
     )
     optimizer = torch.optim.AdamW(official.get_params_groups(student))
-    lr_schedule = official_cosine_scheduler(
+    lr_schedule = official.cosine_scheduler(
         args.lr * (args.batch_size_per_gpu * world_size) / 256.0,  # linear scaling rule
         args.min_lr,
         args.epochs,
         niter_per_ep,
         warmup_epochs=args.warmup_epochs,
     )
-    wd_schedule = official_cosine_scheduler(
+    wd_schedule = official.cosine_scheduler(
         args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep
     )
-    momentum_schedule = official_cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+    momentum_schedule = official.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
 
     comparisons = []
     for it in range(STEPS):

@@ -1,44 +1,21 @@
-"""Schedules against a transcription of the official DINO utils.cosine_scheduler and DINOLoss
-teacher-temperature schedule (written in the official loop form, independently of
-dino_fast.schedules)."""
+"""Schedules against the official DINO utils.cosine_scheduler and DINOLoss teacher-temperature
+schedule (dino_fast.official, written independently of dino_fast.schedules)."""
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 
 from dino_fast.config import TrainConfig
+from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
+from dino_fast.official.training import cosine_scheduler as official_cosine_scheduler
 from dino_fast.schedules import build_schedules, cosine_scheduler, teacher_temp_schedule
 
 
-def official_cosine_scheduler(
-    base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0
-):
-    warmup_schedule = np.array([])
-    warmup_iters = warmup_epochs * niter_per_ep
-    if warmup_epochs > 0:
-        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    schedule = np.array(
-        [
-            final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / len(iters)))
-            for i in iters
-        ]
-    )
-    schedule = np.concatenate((warmup_schedule, schedule))
-    assert len(schedule) == epochs * niter_per_ep
-    return schedule
-
-
 def official_teacher_temp(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs):
-    return np.concatenate(
-        (
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-        )
-    )
+    """The official DINOLoss's teacher-temperature schedule (one entry per epoch)."""
+    loss = OfficialDINOLoss(1, 2, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs)
+    return loss.teacher_temp_schedule
 
 
 @pytest.mark.parametrize(

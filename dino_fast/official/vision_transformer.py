@@ -1,7 +1,6 @@
-"""The oracle: the official DINO ViT, DINOHead and MultiCropWrapper, transcribed from the algorithm
-of facebookresearch/dino (vision_transformer.py, utils.MultiCropWrapper) with its parameter
-names and its explicit attention. Independent of dino_fast: it imports only the official
-transcription in dino_fast.official (utils.trunc_normal_, which vision_transformer.py imports too).
+"""The official DINO ViT, DINOHead and MultiCropWrapper (facebookresearch/dino
+``vision_transformer.py`` and ``utils.MultiCropWrapper``), with its parameter names, its explicit
+attention and its initialization (``utils.trunc_normal_``, which vision_transformer.py imports).
 
 ``vit_large`` is not in the official file; it is built the same way (1024-d, 24 blocks, 16 heads).
 """
@@ -14,8 +13,33 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
-from dino_fast.official.training import trunc_normal_
+
+def trunc_normal_(
+    tensor: Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0
+) -> Tensor:
+    """``utils._no_grad_trunc_normal_``: inverse-CDF sampling, one uniform draw per element (the
+    official ViT and head initialize with this one, not with ``torch.nn.init.trunc_normal_``)."""
+
+    def norm_cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+
+    if (mean < a - 2 * std) or (mean > b + 2 * std):
+        warnings.warn(
+            "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
+            "The distribution of values may be incorrect.",
+            stacklevel=2,
+        )
+    with torch.no_grad():
+        l = norm_cdf((a - mean) / std)  # noqa: E741 - the official name
+        u = norm_cdf((b - mean) / std)
+        tensor.uniform_(2 * l - 1, 2 * u - 1)
+        tensor.erfinv_()
+        tensor.mul_(std * math.sqrt(2.0))
+        tensor.add_(mean)
+        tensor.clamp_(min=a, max=b)
+        return tensor
 
 
 def drop_path(x, drop_prob: float = 0.0, training: bool = False):
