@@ -19,9 +19,9 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from bench_ema import FULL_CONFIG, SMALL_CONFIG, ParameterSet, vit_dino_shapes
-from timing import measure
 
+from benchmarks.bench_ema import FULL_CONFIG, SMALL_CONFIG, ParameterSet, vit_dino_shapes
+from benchmarks.timing import measure
 from dino_fast.official.training import clip_gradients as official_clip_gradients
 from dino_fast.train import clip_gradients_
 

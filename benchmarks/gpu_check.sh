@@ -267,7 +267,7 @@ step_gpu_tests() {
   # Only the files that hold gpu tests: the others may import what the GPU machine lacks
   # (torchvision), and one module that fails to import must not stop the rest from running.
   local files
-  mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
+  mapfile -t files < <(grep -rl --include="test_*.py" "mark.gpu" tests | sort)
   local args=(-q -m gpu -p no:cacheprovider -rA --continue-on-collection-errors
     --junitxml="$OUT/gpu_tests.xml" "${files[@]}")
   if [ "$DEVICE" = cpu ]; then

@@ -8,9 +8,7 @@ Every backend runs on CPU here (triton under the interpreter, which conftest swi
 from __future__ import annotations
 
 import copy
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import dino_fast
+from benchmarks import bench_ema
 from dino_fast.kernels import ema as triton_ema
 from dino_fast.ops import ema as ema_module
 from dino_fast.ops import native, reference
@@ -657,11 +656,6 @@ def test_teacher_ema_is_exported() -> None:
 
 
 def test_benchmark_suite_runs() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_ema
-    finally:
-        sys.path.pop(0)
     full = bench_ema.vit_dino_shapes()
     assert len(full) == 158 and sum(torch.Size(s).numel() for _, s in full) == 44_017_792
     config = {"dim": 8, "depth": 1, "img_size": 32, "out_dim": 64, "hidden_dim": 16, "bottleneck_dim": 8}
@@ -783,11 +777,6 @@ def test_gpu_cuda_graph_replays_with_new_momentum(backend, layout) -> None:
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_gpu_vit_small_dino_parameter_set(backend) -> None:
     # The anchor set: 158 tensors, 44.0M parameters, list mode and fully packed mode.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        import bench_ema
-    finally:
-        sys.path.pop(0)
     shapes = bench_ema.vit_dino_shapes()
     teacher = bench_ema.ParameterSet(shapes, torch.float32, CUDA, seed=0)
     student = bench_ema.ParameterSet(shapes, torch.float32, CUDA, seed=1)

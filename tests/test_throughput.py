@@ -1,4 +1,4 @@
-"""benchmarks/throughput.py and its official baseline (benchmarks/official_dino.py).
+"""benchmarks/throughput.py and its official baseline (benchmarks/end_to_end/official_step.py).
 
 The baseline must compute what the official DINO step computes (loss, clipping, EMA) and the
 tuned variants must compute the same thing faster; the FLOP count behind MFU must be exact; the
@@ -12,28 +12,53 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from official_formulas import official_center_update, official_dino_loss
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks import throughput
+from benchmarks.end_to_end import equal_loss, variants
+from benchmarks.end_to_end import official_step as od
+from benchmarks.end_to_end.flops import step_flops
+from dino_fast.official import vision_transformer
+from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
+from dino_fast.official.loss import dino_loss as official_dino_loss
+from dino_fast.official.loss import update_center as official_center_update
+from dino_fast.official.training import build_student_teacher
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-import official_dino as od  # noqa: E402
-import throughput  # noqa: E402
 
-TINY = od.ModelSpec(arch="vit_tiny", patch_size=16, out_dim=256, drop_path_rate=0.0)
-# Tests of the step's logic and of the FLOP formula need every part, not twelve blocks: a 2-block
-# ViT keeps them fast (registered for each test, the official sizes stay untouched).
-SMALL = dataclasses.replace(TINY, arch="vit_test_2blocks")
+def vit_test_2blocks(patch_size: int = 16, **kwargs: object) -> vision_transformer.VisionTransformer:
+    """Tests of the step's logic and of the FLOP formula need every part, not twelve blocks: a
+    2-block ViT built as the official vit_* are keeps them fast."""
+    return vision_transformer.VisionTransformer(
+        patch_size=patch_size,
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        mlp_ratio=4,
+        qkv_bias=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        **kwargs,
+    )
 
 
 @pytest.fixture(autouse=True)
 def _small_arch(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(od.ARCHS, "vit_test_2blocks", (48, 2, 3))
+    # Registered for each test, beside the official constructors (which stay untouched).
+    monkeypatch.setattr(vision_transformer, "vit_test_2blocks", vit_test_2blocks, raising=False)
+
+
+TINY = od.ModelSpec(arch="vit_tiny", patch_size=16, out_dim=256, drop_path_rate=0.0)
+
+
+def small_spec(**overrides: object) -> od.ModelSpec:
+    return od.ModelSpec(**{**dataclasses.asdict(TINY), "arch": "vit_test_2blocks", **overrides})
 
 
 def crops(batch: int, n_local: int, global_size: int = 32, local_size: int = 16, seed: int = 0):
@@ -59,18 +84,18 @@ def test_flop_count_equals_torch_flop_counter(
     patch: int, global_size: int, local_size: int, n_local: int, out_dim: int
 ) -> None:
     batch = 2
-    spec = dataclasses.replace(SMALL, patch_size=patch, out_dim=out_dim)
-    student, teacher = od.build_student_teacher(spec)
+    spec = small_spec(patch_size=patch, out_dim=out_dim)
+    student, teacher = build_student_teacher(spec)
     views = crops(batch, n_local, global_size, local_size)
     with FlopCounterMode(display=False) as counter:
         student(views).sum().backward()
         teacher(views[:2])
-    expected = throughput.step_flops(SMALL.arch, patch, global_size, local_size, n_local, out_dim)
+    expected = step_flops(spec.arch, patch, global_size, local_size, n_local, out_dim)
     assert counter.get_total_flops() == expected["total"] * batch
 
 
 def test_anchor_flop_count_against_design() -> None:
-    flops = throughput.step_flops("vit_small", 16, 224, 96, 10, 65536)
+    flops = step_flops("vit_small", 16, 224, 96, 10, 65536)
     # docs/design.md's ~121 GFLOP/image is the transformer blocks alone (student fwd+bwd, teacher fwd).
     assert flops["blocks_only"] == pytest.approx(121e9, rel=0.01)
     # Patch embedding (~1.1 GFLOP) and the DINO head (~1.7, mostly the 256 x 65536 layer) add 2.3%.
@@ -96,7 +121,7 @@ def test_official_loss_and_center_match_formulas(batch: int, ncrops: int, dim: i
     student = torch.randn(ncrops * batch, dim, generator=gen, dtype=torch.float64) * 3
     teacher = torch.randn(2 * batch, dim, generator=gen, dtype=torch.float64) * 3
     # Epoch 1 of a 0.03 -> 0.05 warmup over 2 epochs: the schedule's second entry, 0.05.
-    loss_fn = od.DINOLoss(dim, ncrops, 0.03, 0.05, 2, 3).double()
+    loss_fn = OfficialDINOLoss(dim, ncrops, 0.03, 0.05, 2, 3).double()
     loss_fn.center = torch.randn(1, dim, generator=gen, dtype=torch.float64)
     center = loss_fn.center.clone()
     loss = loss_fn(student, teacher, 1)
@@ -107,8 +132,8 @@ def test_official_loss_and_center_match_formulas(batch: int, ncrops: int, dim: i
 
 @pytest.mark.parametrize("tokens", [2, 37, 197])  # a local 16 px crop, a 96 px one, a 224 px one
 def test_sdpa_attention_equals_explicit_attention(tokens: int) -> None:
-    explicit = od.Attention(48, 3, attn_impl="explicit").double()
-    sdpa = od.Attention(48, 3, attn_impl="sdpa").double()
+    explicit = vision_transformer.Attention(48, 3, qkv_bias=True).double()
+    sdpa = od.SDPAAttention(48, 3, qkv_bias=True).double()
     sdpa.load_state_dict(explicit.state_dict())
     x = torch.randn(3, tokens, 48, dtype=torch.float64)
     torch.testing.assert_close(sdpa(x)[0], explicit(x)[0], rtol=1e-12, atol=1e-12)
@@ -122,7 +147,7 @@ def test_official_student_loads_into_dino_fast_model_and_agrees() -> None:
         "vit_small_imagenet", arch="vit_tiny", out_dim=256, global_crops_size=32, local_crops_size=16
     )
     theirs = build_dino_model(config, drop_path_rate=0.0)
-    student, _ = od.build_student_teacher(TINY)
+    student, _ = build_student_teacher(TINY)
     theirs.load_state_dict(student.state_dict())  # strict: identical names and shapes
     views = crops(3, 2)
     ours = student(views)
@@ -139,8 +164,8 @@ HYPER = od.Hyper(lr=1e-3, weight_decay=0.04, momentum=0.9)
 def run_steps(
     options: od.StepOptions, steps: int = 2, dtype: torch.dtype = torch.float32
 ) -> tuple[list[float], od.TrainStep]:
-    state = od.official_state_dict(SMALL, seed=3)
-    step = od.TrainStep(SMALL, options, state, torch.device("cpu"), ncrops=4, dtype=dtype)
+    state = od.official_state_dict(small_spec(), seed=3)
+    step = od.TrainStep(small_spec(), options, state, torch.device("cpu"), ncrops=4, dtype=dtype)
     views = [v.to(dtype) for v in crops(2, 2, seed=4)]
     return [step.step(views, HYPER) for _ in range(steps)], step
 
@@ -176,9 +201,9 @@ def test_step_rejects_inconsistent_options() -> None:
     with pytest.raises(ValueError, match="GradScaler"):
         od.TrainStep(TINY, od.StepOptions(amp_dtype=torch.bfloat16), {}, torch.device("cpu"), ncrops=4)
     with pytest.raises(ValueError, match="attn_impl"):
-        od.Attention(8, 2, attn_impl="flash")
+        od.TrainStep(TINY, od.StepOptions(attn_impl="flash"), {}, torch.device("cpu"), ncrops=4)
     with pytest.raises(ValueError, match="unknown arch"):
-        od.vit("vit_huge")
+        od.ModelSpec(arch="vit_huge")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +238,10 @@ def test_cli_cuda_without_gpu_says_what_to_do(capsys: pytest.CaptureFixture[str]
 def test_failed_and_mismatching_variants_are_reported(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = throughput.Variant("broken", "cannot be built", od.StepOptions(attn_impl="flash"))
-    monkeypatch.setitem(throughput.VARIANTS, "broken", broken)
+    broken = variants.Variant("broken", "cannot be built", od.StepOptions(attn_impl="flash"))
+    monkeypatch.setitem(variants.VARIANTS, "broken", broken)
     # A zero bf16 tolerance turns tuned's (correct) rounding differences into a mismatch.
-    monkeypatch.setitem(throughput.CHECK_RTOL, "bf16", 0.0)
+    monkeypatch.setitem(equal_loss.CHECK_RTOL, "bf16", 0.0)
     out = tmp_path / "tiny.json"
     argv = ["--device", "cpu", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--json", str(out)]
     payload = throughput.main([*argv, "--variants", "official", "tuned", "broken"])
@@ -295,8 +320,8 @@ def test_gpu_tuned_parts_compute_the_official_step() -> None:
         ("official", od.OFFICIAL_FP32),
         ("tuned", dataclasses.replace(od.TUNED, amp_dtype=None)),
     ):
-        state = od.official_state_dict(SMALL, seed=3)
-        step = od.TrainStep(SMALL, options, state, cuda, ncrops=4, dtype=torch.float64)
+        state = od.official_state_dict(small_spec(), seed=3)
+        step = od.TrainStep(small_spec(), options, state, cuda, ncrops=4, dtype=torch.float64)
         views = [v.to(cuda, torch.float64) for v in crops(2, 2, seed=4)]
         results[name] = ([step.step(views, HYPER) for _ in range(3)], step)
     (official_losses, official), (tuned_losses, tuned) = results["official"], results["tuned"]
@@ -348,11 +373,11 @@ def test_check_compares_only_the_forward_after_a_skipped_fp16_update() -> None:
     ctx = type("Ctx", (), {"first_iteration": 1000})()
     # A skipped first update leaves the weights where they were, so only the first loss can match.
     runner = _StubRunner([5.0, 4.0], _HalvingScaler())
-    losses, skipped = throughput.check_losses(runner, None, ctx)
+    losses, skipped = equal_loss.check_losses(runner, None, ctx)
     assert skipped and losses == [5.0, 4.0] and runner.iterations == [1000, 1001]
-    check = throughput.compare(losses, [5.001, 5.5], "fp16", skipped)
+    check = equal_loss.compare(losses, [5.001, 5.5], "fp16", skipped)
     assert check["passed"] and check["compared_steps"] == 1
     # Without a scaler every step counts: the same losses then fail the check.
-    losses, skipped = throughput.check_losses(_StubRunner([5.0, 4.0], None), None, ctx)
-    assert not skipped and not throughput.compare(losses, [5.001, 5.5], "fp16", skipped)["passed"]
-    assert not throughput.compare([5.0, float("nan")], [5.0, 5.0], "bf16", False)["passed"]
+    losses, skipped = equal_loss.check_losses(_StubRunner([5.0, 4.0], None), None, ctx)
+    assert not skipped and not equal_loss.compare(losses, [5.001, 5.5], "fp16", skipped)["passed"]
+    assert not equal_loss.compare([5.0, float("nan")], [5.0, 5.0], "bf16", False)["passed"]
