@@ -27,7 +27,7 @@ Where this differs from the torchvision reference (``dino_fast.data.torchvision_
 - blur: a true Gaussian with window 2 * ceil(3 sigma) + 1 where PIL approximates it with
   three box blurs; the cubic resize matches PIL's bicubic to ~0.2 gray levels on average.
 Statistics of the two pipelines (flip, grayscale and solarization rates, crop areas, output
-mean and std) are compared in tests/test_data_agreement.py.
+mean and std) are compared in tests/data/test_data_agreement.py.
 
 Bad input: the policy of ``dino_fast.data.folders`` (unusable files left out at
 construction; a file that still fails to decode mid-epoch is found, the pipeline rebuilt, and

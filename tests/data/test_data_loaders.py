@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import denormalize, photo_folder, photo_paths, solid_color_folder, write_bad_files
 from PIL import Image
 
 from dino_fast.data import MultiCropAugmentation, MultiCropBatch, epoch_indices, make_loader
+from tests.helpers.images import denormalize, solid_color_folder, write_bad_files
+from tests.helpers.photos import photo_folder, photo_paths
 
 KINDS = ["dali", "torchvision"]
 # Small crops keep the CPU cost down; the code paths are those of 224/96.

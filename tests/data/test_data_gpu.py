@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import denormalize, photo_folder, photo_paths, solid_color_folder
 
 from dino_fast.data import MultiCropAugmentation, make_loader
+from tests.helpers.images import denormalize, solid_color_folder
+from tests.helpers.photos import photo_folder, photo_paths
 
 pytestmark = pytest.mark.gpu
 

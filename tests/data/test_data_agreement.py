@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import coordinate_image, denormalize, photo_folder
 from PIL import Image
 
 from dino_fast.data import MultiCropAugmentation, make_loader
+from tests.helpers.images import coordinate_image, denormalize
+from tests.helpers.photos import photo_folder
 
 KS_C = math.sqrt(-0.5 * math.log(1e-3 / 2))  # alpha = 1e-3
 

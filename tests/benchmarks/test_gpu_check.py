@@ -17,7 +17,7 @@ import torch
 
 from benchmarks import throughput
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 DEVICE_TIME_S = 15 * 60
 MACHINE_START_S = 120  # seen: 1-2 minutes

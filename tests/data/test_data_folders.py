@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_helpers import photo_paths, write_bad_files
 from PIL import Image
 from torchvision import transforms
 
@@ -21,6 +20,8 @@ from dino_fast.data.folders import (
     load_rgb,
     scan_image_folder,
 )
+from tests.helpers.images import write_bad_files
+from tests.helpers.photos import photo_paths
 
 
 def test_class_folders_get_sorted_labels_and_recursive_images(tmp_path: Path) -> None:

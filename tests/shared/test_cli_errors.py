@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_helpers import make_image_folder
 
 from dino_fast.errors import run_command
+from tests.helpers.photos import make_image_folder
 
 
 def _run(*argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

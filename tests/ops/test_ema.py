@@ -22,7 +22,6 @@ from dino_fast.ops import ema as ema_module
 from dino_fast.ops import native, reference
 from dino_fast.ops.ema import TeacherEMA, ema_update_
 
-BACKENDS = ["torch", "native", "triton"]
 # One element, less than one 16-byte vector, just under a power of two, one past a multiple of
 # every block size: each takes a different mix of full blocks, partial blocks and scalar tails.
 AWKWARD_SIZES = (1, 7, 1023, 65537)
@@ -73,7 +72,6 @@ def assert_untouched(tensors, originals) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("teacher_dtype", "student_dtype"),
     [
@@ -98,7 +96,6 @@ def test_matches_fp64_formula(backend, teacher_dtype, student_dtype, momentum) -
     assert_untouched(students, before)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_reference_implementation(backend) -> None:
     # Same result as the readable spec, not only the formula: the reference's own fp32 rounding.
     teachers, students = make_pairs(AWKWARD_SIZES, torch.float32, torch.float32, seed=3)
@@ -109,7 +106,6 @@ def test_matches_reference_implementation(backend) -> None:
         torch.testing.assert_close(actual, want, rtol=2e-7, atol=2e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("tensor_momentum", [False, True])
 def test_momentum_one_and_zero_are_exact(backend, teacher_dtype, tensor_momentum) -> None:
@@ -125,7 +121,6 @@ def test_momentum_one_and_zero_are_exact(backend, teacher_dtype, tensor_momentum
         assert torch.equal(actual, student.to(teacher_dtype))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp64_teacher_uses_fp64_math(backend) -> None:
     # fp64 teachers are computed in fp64 (the reference's rule): an fp32 momentum would be off by 1e-8.
     teachers, students = make_pairs((5, 4099), torch.float64, torch.float32, seed=2)
@@ -134,7 +129,6 @@ def test_fp64_teacher_uses_fp64_math(backend) -> None:
     assert_ema_close(teachers, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("momentum_dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_tensor_momentum_rounds_like_the_reference(backend, momentum_dtype) -> None:
     # A tensor momentum is taken in the compute dtype and 1 - m is evaluated there.
@@ -146,7 +140,6 @@ def test_tensor_momentum_rounds_like_the_reference(backend, momentum_dtype) -> N
     torch.testing.assert_close(teachers[0], expected[0], rtol=2e-7, atol=2e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_dtype_pairs_in_one_list(backend) -> None:
     # One call over pairs of four dtype combinations: the kernels group them (one launch per group).
     combos = [
@@ -168,7 +161,6 @@ def test_mixed_dtype_pairs_in_one_list(backend) -> None:
     assert_untouched(students, before)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_many_tensors(backend) -> None:
     # More tensors than one CUDA launch holds (96) and sizes around the 16K-element CPU chunk.
     sizes = [((i * 7919) % 20000) + 1 for i in range(130)]
@@ -178,7 +170,6 @@ def test_many_tensors(backend) -> None:
     assert_ema_close(teachers, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_unaligned_tensors(backend) -> None:
     # Views one element into their storage are not 16-byte aligned: the vector paths must notice.
     teachers = [torch.randn(1026)[1:], torch.randn(9)[3:]]
@@ -188,7 +179,6 @@ def test_unaligned_tensors(backend) -> None:
     assert_ema_close(teachers, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_pairs_take_the_reference_path(backend) -> None:
     # A transposed teacher and a strided student beside ordinary pairs: results stay exact.
     teachers, students = make_pairs((64 * 48, 100, 9), torch.float32, torch.float32, seed=7)
@@ -200,7 +190,6 @@ def test_non_contiguous_pairs_take_the_reference_path(backend) -> None:
     assert_ema_close(teachers, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_and_zero_size(backend) -> None:
     ema_update_([], [], 0.9, backend=backend)  # nothing to do, and no error
     teachers, students = make_pairs((0, 5), torch.float32, torch.float32)
@@ -209,7 +198,6 @@ def test_empty_and_zero_size(backend) -> None:
     assert_ema_close(teachers, want)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_accepts_parameter_iterators(backend) -> None:
     # What codebases pass: model.parameters() generators, parameters that require grad.
     student = nn.Linear(6, 5)
@@ -291,7 +279,6 @@ def test_default_cpu_backend_is_native(monkeypatch) -> None:
     assert seen == ["native"]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_forced_by_argument_and_environment(monkeypatch, backend) -> None:
     seen = _record_backends(monkeypatch)
     teachers, students = make_pairs((3,), torch.float32, torch.float32)
@@ -482,7 +469,6 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("teacher_dtype", [torch.float32, torch.bfloat16])
 def test_teacher_ema_updates_every_parameter(backend, layout, teacher_dtype) -> None:
@@ -518,7 +504,6 @@ def test_flat_packs_one_buffer_per_dtype_pair(pack_student) -> None:
     assert all(in_buffer) if pack_student else not any(in_buffer)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_packed_student_trains_and_the_teacher_follows(backend) -> None:
     teacher, student = make_models(torch.bfloat16)
     ema = TeacherEMA(teacher, student, flat=True, pack_student=True, backend=backend)
@@ -548,7 +533,6 @@ def process_group(tmp_path):
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_ddp_student(process_group, backend, layout) -> None:
     teacher, student = make_models()
@@ -634,7 +618,6 @@ def test_single_swapped_parameter_is_found_within_a_few_updates() -> None:
             ema.update(0.9)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_unpacked_parameters_may_move(backend) -> None:
     # Without packing, a student cast after construction is picked up (the triton plan is rebuilt).
     teacher, student = make_models()

@@ -30,10 +30,9 @@ from dino_fast.official.loss import dino_loss as official_dino_loss
 from dino_fast.official.loss import update_center as official_center_update
 from dino_fast.ops import backends, native, reference
 from dino_fast.ops import loss as dino_loss_module
-from dino_fast.ops.backends import BackendUnavailableError
+from dino_fast.ops.backends import BACKENDS, BackendUnavailableError
 from dino_fast.ops.loss import DINOLoss, dino_loss, dino_loss_with_stats
 
-BACKENDS = ["torch", "native", "triton"]
 # Loading dino_fast._C registers torch.ops.dino_fast_native.*, which some tests call directly. A
 # missing or broken extension fails those tests (and the native backend's) with this reason.
 NATIVE_MODULE, NATIVE_REASON = native.load()
@@ -128,7 +127,6 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("batch", "ncrops", "dim", "n_global"), SHAPES)
 def test_matches_reference_fp64(backend, batch, ncrops, dim, n_global):
     student, teacher, center = make_inputs(batch, ncrops, dim, n_global)
@@ -148,7 +146,6 @@ def test_all_crops_at_full_width_fp64(backend):
     assert_matches(actual, expected(student, teacher, center, **kwargs), torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("batch", "ncrops", "dim"),
@@ -201,7 +198,6 @@ def test_triton_launch_configs(batch, dim, block_k, samples_per_program):
     assert_matches(got, expected(student, teacher, center, **kwargs), torch.float64)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_inputs(backend):
     """Rows with padding (a column slice of a wider buffer) and a column-major teacher."""
     student, teacher, center = make_inputs(3, 4, 300, seed=7)
@@ -230,7 +226,6 @@ def test_triton_autograd_function_standalone():
     torch.testing.assert_close(s.grad.cpu(), 2.5 * want["grad"], rtol=1e-10, atol=1e-14)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_large_logits_and_saturated_teacher(backend):
     batch, ncrops, dim = 3, 4, 1000
     gen = torch.Generator().manual_seed(3)
@@ -600,7 +595,6 @@ def test_torch_compile_with_inductor():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 def test_dino_loss_module_matches_official_over_epochs(backend):
     batch, ncrops, dim, nepochs = 3, 4, 777, 5
     args = (dim, ncrops, 0.04, 0.07, 3, nepochs)  # 3 warmup epochs: the temperature changes every step

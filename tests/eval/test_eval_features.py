@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from eval_helpers import make_image_folder
 from torch import nn
 
 from dino_fast.distributed import shard_indices
@@ -22,6 +21,7 @@ from dino_fast.eval.dumps import StaleFeaturesError, dump_features, load_dumped_
 from dino_fast.eval.features import FeatureSet, FeatureSpec, extract_features
 from dino_fast.eval.splits import extract_split, scan_split
 from dino_fast.eval.weights import build_backbone
+from tests.helpers.photos import make_image_folder
 
 
 class ToyImages(torch.utils.data.Dataset):

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from eval_helpers import make_image_folder
 
 from dino_fast.eval import linear
 from dino_fast.eval.features import FeatureSet, intermediate_features
 from dino_fast.eval.splits import scan_split, train_dataset
 from dino_fast.eval.weights import CheckpointError, build_backbone
+from tests.helpers.photos import make_image_folder
 
 
 def separable(num_classes: int, per_class: int, dim: int, seed: int) -> FeatureSet:
