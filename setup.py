@@ -179,6 +179,7 @@ setup(
         "dino_fast.models",
         "dino_fast.official",
         "dino_fast.data",
+        "dino_fast.train",
         "dino_fast.eval",
         "dino_fast.kernels",
     ],

@@ -20,7 +20,7 @@ import pickle
 import random
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +167,15 @@ def load_checkpoint(
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether every value of the floating-point ``tensors`` is finite; checked before a save, so
+    a checkpoint is never written from NaN or infinite weights. One host read in all."""
+    maxima = [
+        torch.linalg.vector_norm(t.detach(), float("inf")).float() for t in tensors if t.is_floating_point()
+    ]
+    return not maxima or bool(torch.stack(maxima).isfinite().all())  # NaN and inf survive the max
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.end_to_end.official_step import Hyper, LossSpec, ModelSpec
-from dino_fast.config import TrainConfig
-from dino_fast.schedules import build_schedules
+from dino_fast.train import TrainConfig
+from dino_fast.train.schedules import build_schedules
 
 # Schedules need an epoch length; synthetic data has none. Steps are timed in epoch 1, past the
 # official freeze_last_layer epoch, so the head's last layer trains as in the steady state.

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dino_fast.config import TrainConfig
+from dino_fast.train import TrainConfig
 
 
 @dataclass(frozen=True)

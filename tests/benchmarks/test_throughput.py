@@ -115,8 +115,7 @@ def test_sdpa_attention_equals_explicit_attention(tokens: int) -> None:
 
 
 def test_official_student_loads_into_dino_fast_model_and_agrees() -> None:
-    from dino_fast.config import TrainConfig
-    from dino_fast.train import build_dino_model
+    from dino_fast.train import TrainConfig, build_dino_model
 
     config = TrainConfig.from_preset(
         "vit_small_imagenet", arch="vit_tiny", out_dim=256, global_crops_size=32, local_crops_size=16

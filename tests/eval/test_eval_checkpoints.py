@@ -91,8 +91,7 @@ def test_compiled_and_ddp_prefixes_are_stripped(tmp_path, trained_pair):
 
 def test_dino_fast_training_checkpoint(tmp_path):
     # a real checkpoint from dino_fast.train (smoke preset, synthetic data, two steps)
-    from dino_fast.config import TrainConfig
-    from dino_fast.train import train
+    from dino_fast.train import TrainConfig, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread avoids spinning on the shared CI cores

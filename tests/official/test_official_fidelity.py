@@ -26,14 +26,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dino_fast import train as train_mod
-from dino_fast.config import TrainConfig
 from dino_fast.data import MultiCropBatch
 from dino_fast.models.init import trunc_normal_
 from dino_fast.official import training as official
 from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
 from dino_fast.official.vision_transformer import trunc_normal_ as official_trunc_normal_
-from dino_fast.train import Trainer
+from dino_fast.train import TrainConfig, Trainer
+from dino_fast.train import trainer as trainer_module
 
 STEPS = 10
 STEPS_PER_EPOCH = 4
@@ -273,7 +272,7 @@ def _schedule_off_by_one(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -
 
 def _weight_decay_on_biases_and_norms(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
     one_group = lambda model: [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    monkeypatch.setattr(train_mod, "get_params_groups", one_group)
+    monkeypatch.setattr(trainer_module, "get_params_groups", one_group)
     return Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
 
 

@@ -14,6 +14,7 @@ from dino_fast import checkpoint as ckpt_mod
 from dino_fast.checkpoint import (
     CheckpointError,
     CheckpointWriteError,
+    all_finite,
     atomic_copy,
     atomic_save,
     capture_rng_state,
@@ -196,3 +197,13 @@ def test_stale_temporaries_of_killed_writes_are_removed_and_nothing_else(tmp_pat
     assert sorted(remove_stale_temporaries(tmp_path)) == sorted(stale)
     assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)
     assert load_checkpoint(tmp_path / "checkpoint.pth")["epoch"] == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_all_finite_finds_one_bad_value_among_many_tensors(dtype):
+    tensors = [torch.randn(5, 7).to(dtype), torch.randn(300).to(dtype), torch.arange(4)]  # ints ignored
+    assert all_finite(tensors) and all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = [t.clone() for t in tensors]
+        poisoned[1][123] = bad
+        assert not all_finite(poisoned)

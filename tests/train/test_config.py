@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from dino_fast.config import ConfigError, TrainConfig, parse_args
 from dino_fast.flags import bool_flag
+from dino_fast.train import ConfigError, TrainConfig, parse_args
 
 # The official README's 100-epoch ViT-S/16 command with every main_dino.py flag spelled out
 # at its official default value (what `--arch deit_small` alone means).

@@ -41,13 +41,12 @@ import time
 import pytest
 import torch
 
-from dino_fast.config import TrainConfig
 from dino_fast.data import make_loader
 from dino_fast.eval.knn import knn_accuracy
 from dino_fast.eval.weights import build_backbone, load_pretrained_weights
 from dino_fast.models import DINOModel
 from dino_fast.ops import reference
-from dino_fast.train import build_augmentation, build_dino_model, train
+from dino_fast.train import TrainConfig, build_augmentation, build_dino_model, train
 
 K = 20
 SEED = 0

@@ -1,15 +1,16 @@
 """Schedules against the official DINO utils.cosine_scheduler and DINOLoss teacher-temperature
-schedule (dino_fast.official, written independently of dino_fast.schedules)."""
+schedule (dino_fast.official, written independently of dino_fast.train.schedules)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dino_fast.config import TrainConfig
 from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
 from dino_fast.official.training import cosine_scheduler as official_cosine_scheduler
-from dino_fast.schedules import build_schedules, cosine_scheduler, teacher_temp_schedule
+from dino_fast.ops.loss import teacher_temp_schedule
+from dino_fast.train import TrainConfig
+from dino_fast.train.schedules import build_schedules, cosine_scheduler
 
 
 def official_teacher_temp(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs):
@@ -42,9 +43,9 @@ def test_cosine_scheduler_matches_official(epochs, niter, warmup, base, final, s
 
 def test_cosine_scheduler_rejects_impossible_lengths():
     with pytest.raises(ValueError, match="warmup_epochs"):
-        cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=3, warmup_epochs=3)
-    with pytest.raises(ValueError, match="niter_per_ep"):
-        cosine_scheduler(1.0, 0.0, epochs=2, niter_per_ep=0)
+        cosine_scheduler(1.0, 0.0, epochs=2, steps_per_epoch=3, warmup_epochs=3)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        cosine_scheduler(1.0, 0.0, epochs=2, steps_per_epoch=0)
 
 
 @pytest.mark.parametrize(("warm_epochs", "nepochs"), [(0, 100), (30, 300), (4, 4), (1, 3)])

@@ -21,11 +21,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from dino_fast import train as train_mod
 from dino_fast.checkpoint import load_checkpoint
-from dino_fast.config import ConfigError, TrainConfig
 from dino_fast.official.training import clip_gradients as official_clip_gradients
-from dino_fast.train import NonFiniteLossError, Trainer, clip_gradients_, get_params_groups, train
+from dino_fast.train import (
+    ConfigError,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    build_dino_model,
+    clip_gradients_,
+    get_params_groups,
+    main,
+    train,
+)
+from dino_fast.train import loop as loop_module
+from dino_fast.train import run as run_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,7 +84,7 @@ def state_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def test_param_groups_are_official():
     # Official get_params_groups: no weight decay for names ending in ".bias" or 1-D tensors,
     # frozen parameters (the weight-normalized last layer's g) left out.
-    model = train_mod.build_dino_model(TrainConfig.from_preset("smoke"), drop_path_rate=0.0)
+    model = build_dino_model(TrainConfig.from_preset("smoke"), drop_path_rate=0.0)
     regularized, plain = get_params_groups(model)
     assert plain["weight_decay"] == 0.0
     names = {id(p): n for n, p in model.named_parameters()}
@@ -308,13 +318,13 @@ def test_checkpoint_is_official_compatible(tmp_path):
 
 def test_time_based_checkpoints_mid_epoch(tmp_path, monkeypatch):
     saved: list[int] = []
-    real_save = train_mod.atomic_save
+    real_save = loop_module.atomic_save
 
     def spy(state, path):
         saved.append(state["iteration"])
         return real_save(state, path)
 
-    monkeypatch.setattr(train_mod, "atomic_save", spy)
+    monkeypatch.setattr(loop_module, "atomic_save", spy)
     # A deadline that is always due: rank 0 raises the flag with each snapshot, every rank sees
     # it one interval later and saves there (then the deadline restarts).
     train(smoke(tmp_path, ckpt_minutes=1e-9, log_interval=1, max_steps=4))
@@ -344,8 +354,8 @@ class _PoisonedLoader:
 
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    real_build = train_mod.build_loader
-    monkeypatch.setattr(train_mod, "build_loader", lambda *a, **k: _PoisonedLoader(real_build(*a, **k), 5))
+    real_build = run_module.build_loader
+    monkeypatch.setattr(run_module, "build_loader", lambda *a, **k: _PoisonedLoader(real_build(*a, **k), 5))
     cfg = smoke(tmp_path, log_interval=100)  # the interval read is not what catches it: the epoch end is
     with pytest.raises(NonFiniteLossError, match="non-finite") as exc:
         train(cfg)
@@ -357,8 +367,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypat
 
 
 def test_nonfinite_loss_caught_at_log_interval(tmp_path, monkeypatch):
-    real_build = train_mod.build_loader
-    monkeypatch.setattr(train_mod, "build_loader", lambda *a, **k: _PoisonedLoader(real_build(*a, **k), 0))
+    real_build = run_module.build_loader
+    monkeypatch.setattr(run_module, "build_loader", lambda *a, **k: _PoisonedLoader(real_build(*a, **k), 0))
     cfg = smoke(tmp_path, log_interval=1)
     with pytest.raises(NonFiniteLossError):
         train(cfg)
@@ -366,18 +376,19 @@ def test_nonfinite_loss_caught_at_log_interval(tmp_path, monkeypatch):
     assert not (Path(cfg.output_dir) / "checkpoint.pth").exists()
 
 
-def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, caplog):
+def test_full_disk_stops_with_a_clear_error_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
-    assert train_mod.main([*argv, "--max_steps", "2"]) == 0
+    assert main([*argv, "--max_steps", "2"]) == 0
 
     def full_disk_save(obj, f, *args, **kwargs):
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
     monkeypatch.setattr("dino_fast.checkpoint.torch.save", full_disk_save)
-    assert train_mod.main([*argv, "--max_steps", "4"]) == 1
-    assert "previous checkpoint.pth is intact" in caplog.text
-    assert "resumes from the last checkpoint" in caplog.text
+    assert main([*argv, "--max_steps", "4"]) == 1
+    stderr = capsys.readouterr().err  # the command's one error line (dino_fast.errors.run_command)
+    assert "previous checkpoint.pth is intact" in stderr
+    assert "resumes from the last checkpoint" in stderr
     assert load_checkpoint(out / "checkpoint.pth")["iteration"] == 2
     assert sorted(os.listdir(out)) == ["checkpoint.pth", "log.jsonl"]  # no temporary left behind
 

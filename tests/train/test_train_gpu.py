@@ -9,9 +9,8 @@ import dataclasses
 import pytest
 import torch
 
-from dino_fast.config import TrainConfig
-from dino_fast.progress import AsyncMetrics
-from dino_fast.train import Trainer, train
+from dino_fast.train import TrainConfig, Trainer, train
+from dino_fast.train.metrics import AsyncMetrics
 
 pytestmark = pytest.mark.gpu
 

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from dino_fast.progress import AsyncMetrics, IntervalStats, ProgressReporter
+from dino_fast.train.metrics import AsyncMetrics, IntervalStats
+from dino_fast.train.progress import ProgressReporter
 
 
 def test_async_metrics_intervals():
@@ -63,7 +64,7 @@ SCHEDULE = {"lr": 1e-4, "wd": 0.04, "momentum": 0.996, "teacher_temp": 0.04}
 def test_progress_bar_on_a_terminal(tmp_path):
     stream = _Tty()
     rep = ProgressReporter(
-        total_iterations=10, start_iteration=0, niter_per_ep=5, jsonl_path=tmp_path / "log.jsonl",
+        total_iterations=10, start_iteration=0, steps_per_epoch=5, jsonl_path=tmp_path / "log.jsonl",
         enabled=True, stream=stream,
     )  # fmt: skip
     assert rep.use_bar
@@ -81,10 +82,10 @@ def test_progress_bar_on_a_terminal(tmp_path):
 def test_plain_log_lines_without_a_terminal(tmp_path, caplog):
     stream = io.StringIO()
     rep = ProgressReporter(
-        total_iterations=4, start_iteration=0, niter_per_ep=4, jsonl_path=None, enabled=True, stream=stream
+        total_iterations=4, start_iteration=0, steps_per_epoch=4, jsonl_path=None, enabled=True, stream=stream
     )
     assert not rep.use_bar
-    with caplog.at_level(logging.INFO, logger="dino_fast.progress"):
+    with caplog.at_level(logging.INFO, logger="dino_fast.train.progress"):
         rep.report(_stats(1, loss=float("nan")), SCHEDULE, gpu_mem_gib=None)
     rep.close()
     assert stream.getvalue() == ""
@@ -93,7 +94,11 @@ def test_plain_log_lines_without_a_terminal(tmp_path, caplog):
 
 def test_disabled_reporter_writes_nothing(tmp_path):
     rep = ProgressReporter(
-        total_iterations=4, start_iteration=0, niter_per_ep=4, jsonl_path=tmp_path / "x.jsonl", enabled=False
+        total_iterations=4,
+        start_iteration=0,
+        steps_per_epoch=4,
+        jsonl_path=tmp_path / "x.jsonl",
+        enabled=False,
     )
     rep.report(_stats(1), SCHEDULE, gpu_mem_gib=None)
     rep.close()

@@ -5,14 +5,14 @@ rate, weight decay and EMA momentum never touches the device (no host sync), and
 run continues at exactly the value of its global iteration index.
 
 - ``cosine_scheduler`` is the official ``utils.cosine_scheduler``: ``warmup_epochs *
-  niter_per_ep`` iterations of ``np.linspace(start_warmup_value, base_value, n)`` (both
+  steps_per_epoch`` iterations of ``np.linspace(start_warmup_value, base_value, n)`` (both
   ends included), then ``final + (base - final) * (1 + cos(pi * i / n)) / 2`` for the
   remaining n iterations.
 - the learning rate peaks at ``lr * total_batch / 256`` (the linear scaling rule), warms up
   from 0 and decays to ``min_lr``; weight decay goes 0.04 -> 0.4 and the teacher momentum
   ``momentum_teacher`` -> 1 by cosines without warmup;
-- the teacher temperature is per *epoch*, as in the official DINOLoss: a linear warmup over
-  ``warmup_teacher_temp_epochs`` epochs, then constant.
+- the teacher temperature is per *epoch*, DINOLoss's own schedule
+  (``dino_fast.ops.loss.teacher_temp_schedule``).
 """
 
 from __future__ import annotations
@@ -22,46 +22,33 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dino_fast.ops.loss import teacher_temp_schedule
+
 if TYPE_CHECKING:
-    from dino_fast.config import TrainConfig
+    from dino_fast.train.config import TrainConfig
 
 
+# The official function's ``niter_per_ep`` is ``steps_per_epoch`` here, as everywhere in dino_fast.
 def cosine_scheduler(
     base_value: float,
     final_value: float,
     epochs: int,
-    niter_per_ep: int,
+    steps_per_epoch: int,
     warmup_epochs: int = 0,
     start_warmup_value: float = 0.0,
 ) -> np.ndarray:
     """One value per iteration: linear warmup to ``base_value``, then a cosine to ``final_value``."""
-    if epochs < 1 or niter_per_ep < 1:
+    if epochs < 1 or steps_per_epoch < 1:
         raise ValueError(
-            f"cosine_scheduler needs epochs >= 1 and niter_per_ep >= 1 (got {epochs}, {niter_per_ep})"
+            f"cosine_scheduler needs epochs >= 1 and steps_per_epoch >= 1 (got {epochs}, {steps_per_epoch})"
         )
     if not 0 <= warmup_epochs <= epochs:
         raise ValueError(f"warmup_epochs must be in [0, epochs={epochs}] (got {warmup_epochs})")
-    warmup_iters = warmup_epochs * niter_per_ep
+    warmup_iters = warmup_epochs * steps_per_epoch
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
-    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    iters = np.arange(epochs * steps_per_epoch - warmup_iters)
     cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
     return np.concatenate((warmup, cosine)).astype(np.float64)
-
-
-def teacher_temp_schedule(
-    warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int, nepochs: int
-) -> np.ndarray:
-    """Per-epoch teacher temperature, exactly the official DINOLoss ``teacher_temp_schedule``."""
-    if not 0 <= warmup_teacher_temp_epochs <= nepochs:
-        raise ValueError(
-            f"warmup_teacher_temp_epochs must be in [0, nepochs={nepochs}] (got {warmup_teacher_temp_epochs})"
-        )
-    return np.concatenate(
-        (
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-        )
-    )
 
 
 @dataclass(frozen=True)
@@ -81,7 +68,7 @@ class Schedules:
     weight_decay: np.ndarray
     momentum: np.ndarray
     teacher_temp: np.ndarray
-    niter_per_ep: int
+    steps_per_epoch: int
 
     @property
     def total_iterations(self) -> int:
@@ -90,7 +77,7 @@ class Schedules:
     def at(self, iteration: int) -> ScheduleValues:
         if not 0 <= iteration < self.total_iterations:
             raise IndexError(f"iteration {iteration} is outside the schedule [0, {self.total_iterations})")
-        epoch = iteration // self.niter_per_ep
+        epoch = iteration // self.steps_per_epoch
         return ScheduleValues(
             epoch=epoch,
             lr=float(self.lr[iteration]),
@@ -100,23 +87,23 @@ class Schedules:
         )
 
 
-def build_schedules(config: TrainConfig, niter_per_ep: int, world_size: int) -> Schedules:
-    """The official main_dino.py schedules for ``config``, ``niter_per_ep`` steps per epoch."""
+def build_schedules(config: TrainConfig, steps_per_epoch: int, world_size: int) -> Schedules:
+    """The official main_dino.py schedules for ``config``, ``steps_per_epoch`` steps per epoch."""
     total_batch = config.batch_size_per_gpu * world_size
     return Schedules(
         lr=cosine_scheduler(
             config.lr * total_batch / 256.0,  # linear scaling rule
             config.min_lr,
             config.epochs,
-            niter_per_ep,
+            steps_per_epoch,
             warmup_epochs=config.warmup_epochs,
         ),
         weight_decay=cosine_scheduler(
-            config.weight_decay, config.weight_decay_end, config.epochs, niter_per_ep
+            config.weight_decay, config.weight_decay_end, config.epochs, steps_per_epoch
         ),
-        momentum=cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, niter_per_ep),
+        momentum=cosine_scheduler(config.momentum_teacher, 1.0, config.epochs, steps_per_epoch),
         teacher_temp=teacher_temp_schedule(
             config.warmup_teacher_temp, config.teacher_temp, config.warmup_teacher_temp_epochs, config.epochs
         ),
-        niter_per_ep=niter_per_ep,
+        steps_per_epoch=steps_per_epoch,
     )

@@ -1,0 +1,65 @@
+"""The summary a run logs before its first step: world, model, data, schedules, kernels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dino_fast import distributed
+from dino_fast.ops import loss as loss_op
+from dino_fast.ops.backends import available_backends, select_backend
+from dino_fast.train.config import TrainConfig
+from dino_fast.train.trainer import Trainer
+
+
+def kernel_choices(config: TrainConfig, trainer: Trainer) -> str:
+    """Which implementation runs each fused part, as dino_fast.ops.backends resolves it for this device."""
+    loss_backend = select_backend(
+        config.backend, trainer.device, op="dino_loss", native_op=loss_op.NATIVE_FORWARD_OP
+    )
+    attention = getattr(trainer.student.backbone, "attn_backend", config.attn_backend)
+    usable = [name for name, reason in available_backends(trainer.device).items() if reason is None]
+    return (
+        f"dino_loss {loss_backend}, teacher EMA {trainer.ema.backend} (flat buffers), attention {attention} "
+        f"(usable op backends here: {', '.join(usable)})"
+    )
+
+
+def run_summary(
+    config: TrainConfig,
+    info: distributed.DistInfo,
+    trainer: Trainer,
+    loader: Any,
+    data_root: Path | None,
+    start_iteration: int,
+    end_iteration: int,
+) -> str:
+    n_student = sum(p.numel() for p in trainer.student.parameters())
+    total_batch = config.batch_size_per_gpu * info.world_size
+    s = trainer.schedules
+    lines = [
+        "dino_fast.train",
+        f"  world: {info.world_size} process(es) x {info.device} ({info.backend or 'single process'})",
+        f"  model: {config.arch}/{config.patch_size}, head K={config.out_dim}, "
+        f"{n_student / 1e6:.1f}M student params, norm_last_layer={config.norm_last_layer}, "
+        f"drop_path={config.drop_path_rate}",
+        f"  crops: 2x{config.global_crops_size}px {tuple(config.global_crops_scale)} + "
+        f"{config.local_crops_number}x{config.local_crops_size}px {tuple(config.local_crops_scale)}",
+        f"  data: {config.data} from {data_root if data_root is not None else '(synthetic)'}: "
+        f"{getattr(loader, 'dataset_size', '?')} images, {trainer.steps_per_epoch} steps/epoch of "
+        f"{total_batch} images",
+        f"  schedule: {config.epochs} epochs = {trainer.total_iterations} steps; lr peak {s.lr.max():.3e} "
+        f"(warmup {config.warmup_epochs} ep) -> {config.min_lr:g}; wd {config.weight_decay:g}->"
+        f"{config.weight_decay_end:g}; momentum {config.momentum_teacher:g}->1; teacher temp "
+        f"{config.warmup_teacher_temp:g}->{config.teacher_temp:g} over "
+        f"{config.warmup_teacher_temp_epochs} ep; center momentum {config.center_momentum:g}",
+        f"  optim: {type(trainer.optimizer).__name__}"
+        f"{' (fused)' if trainer.optimizer.defaults.get('fused') else ''}, clip {config.clip_grad:g} "
+        f"({'global norm' if config.clip_grad_mode == 'global' else 'per parameter'}), "
+        f"freeze last layer {config.freeze_last_layer} ep, precision {trainer.precision}, "
+        f"compile {config.compile_mode if config.compile else 'off'}",
+        f"  kernels: {kernel_choices(config, trainer)}",
+        f"  run: iterations {start_iteration} -> {end_iteration}"
+        f"{' (resumed)' if start_iteration else ''}; output {Path(config.output_dir).resolve()}",
+    ]
+    return "\n".join(lines)
