@@ -6,7 +6,7 @@ clip (``clip_grad_norm_(foreach=True)``, ``--clip_grad_mode global``), in the sa
     python benchmarks/kernels.py --suites clip --device cpu          # small set, seconds
 
 Every parameter's gradient has norm 1, below the threshold 3.0 as in a typical DINO step (the
-largest per-parameter norm of the first steps in tests/test_official_fidelity.py is about 2), so
+largest per-parameter norm of the first steps in tests/official/test_official_fidelity.py is about 2), so
 the official code multiplies nothing and pays only for the norms and two host syncs per
 parameter; the sync-free rule always multiplies (by 1 where nothing is clipped). Each
 implementation works on its own copy of the gradients. ``vs_global`` is the speed ratio to the
@@ -19,9 +19,9 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from bench_ema import FULL_CONFIG, SMALL_CONFIG, ParameterSet, vit_dino_shapes
-from timing import measure
 
+from benchmarks.bench_ema import FULL_CONFIG, SMALL_CONFIG, ParameterSet, vit_dino_shapes
+from benchmarks.timing import measure
 from dino_fast.official.training import clip_gradients as official_clip_gradients
 from dino_fast.train import clip_gradients_
 

@@ -23,40 +23,25 @@ import traceback
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from timing import measure
 from torch import Tensor
 
+from benchmarks.timing import measure
+from dino_fast.official import loss as official
 from dino_fast.ops.backends import available_backends
 from dino_fast.ops.loss import dino_loss_with_stats
 
 logger = logging.getLogger(__name__)
 
-TEACHER_TEMP = 0.04
-STUDENT_TEMP = 0.1
+TEMPERATURES = {"teacher_temp": 0.04, "student_temp": 0.1}
 CENTER_MOMENTUM = 0.9
 
 
 def official_loss_and_center(
     student_output: Tensor, teacher_output: Tensor, center: Tensor, ncrops: int
 ) -> tuple[Tensor, Tensor]:
-    """main_dino.py's DINOLoss.forward + update_center (one process: the all-reduce is the identity)."""
-    student_out = (student_output / STUDENT_TEMP).chunk(ncrops)
-    teacher_out = F.softmax((teacher_output - center) / TEACHER_TEMP, dim=-1).detach().chunk(2)
-    total_loss = 0
-    n_loss_terms = 0
-    for iq, q in enumerate(teacher_out):
-        for v in range(len(student_out)):
-            if v == iq:
-                continue
-            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-            total_loss += loss.mean()
-            n_loss_terms += 1
-    total_loss /= n_loss_terms
-    with torch.no_grad():
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
-        new_center = center * CENTER_MOMENTUM + batch_center * (1 - CENTER_MOMENTUM)
-    return total_loss, new_center
+    """The official DINOLoss.forward: the loss, then the center update (one process)."""
+    loss = official.dino_loss(student_output, teacher_output, center, ncrops=ncrops, **TEMPERATURES)
+    return loss, official.update_center(center, teacher_output, CENTER_MOMENTUM)
 
 
 def fused_loss_and_center(backend: str) -> Callable[[Tensor, Tensor, Tensor, int], tuple[Tensor, Tensor]]:
@@ -64,13 +49,7 @@ def fused_loss_and_center(backend: str) -> Callable[[Tensor, Tensor, Tensor, int
 
     def step(student_output: Tensor, teacher_output: Tensor, center: Tensor, ncrops: int):
         loss, _, _, colsum = dino_loss_with_stats(
-            student_output,
-            teacher_output,
-            center,
-            ncrops=ncrops,
-            teacher_temp=TEACHER_TEMP,
-            student_temp=STUDENT_TEMP,
-            backend=backend,
+            student_output, teacher_output, center, ncrops=ncrops, backend=backend, **TEMPERATURES
         )
         batch_center = colsum.reshape(1, -1) / teacher_output.shape[0]
         return loss, center * CENTER_MOMENTUM + batch_center * (1 - CENTER_MOMENTUM)

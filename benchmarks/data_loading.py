@@ -15,6 +15,11 @@ how many cores a GPU would need.
 
 from __future__ import annotations
 
+if not __package__:  # `python benchmarks/data_loading.py`: rerun as `python -m benchmarks.data_loading`
+    from as_module import rerun_as_module
+
+    rerun_as_module(__file__)
+
 import argparse
 import importlib.util
 import os
@@ -24,8 +29,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from timing import environment, write_json
 
+from benchmarks.timing import environment, write_json
 from dino_fast.data import MultiCropAugmentation, make_loader
 
 

@@ -23,7 +23,7 @@
 # and the next step runs. GPU_CHECK_BUDGETS="step=seconds ..." overrides single budgets.
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1) runs the same steps on the CPU at tiny shapes and writes the
-# same files, so the script cannot rot between GPU runs (tests/test_gpu_check.py runs it):
+# same files, so the script cannot rot between GPU runs (tests/benchmarks/test_gpu_check.py runs it):
 # build checks the extension already built instead of compiling one, gpu-tests only collects
 # (without CUDA every gpu test is skipped), and the compiled variants run with
 # TORCHDYNAMO_DISABLE=1 (their eager step: inductor on a 2-core CPU takes minutes).
@@ -92,7 +92,7 @@ if [ "$dry" = 1 ]; then
   export CUDA_VISIBLE_DEVICES="" TORCHDYNAMO_DISABLE=1
   # Tiny shapes: a full-depth ViT-tiny on 2x2 / 1x1 patch grids, B=2, K=64, one timed step. On a
   # CPU each variant costs 10-20 s (mostly building the models), so one variant per step runs;
-  # tests/test_gpu_check.py checks that throughput.py accepts the full lists above.
+  # tests/benchmarks/test_gpu_check.py checks that throughput.py accepts the full lists above.
   THROUGHPUT=(--device cpu --preset tiny --local_crops_number 1 --out_dim 64 --steps 1 --warmup 0
     --num_workers 1)
   B128=(--batch_size_per_gpu 2)
@@ -267,7 +267,7 @@ step_gpu_tests() {
   # Only the files that hold gpu tests: the others may import what the GPU machine lacks
   # (torchvision), and one module that fails to import must not stop the rest from running.
   local files
-  mapfile -t files < <(grep -l "mark.gpu" tests/test_*.py)
+  mapfile -t files < <(grep -rl --include="test_*.py" "mark.gpu" tests | sort)
   local args=(-q -m gpu -p no:cacheprovider -rA --continue-on-collection-errors
     --junitxml="$OUT/gpu_tests.xml" "${files[@]}")
   if [ "$DEVICE" = cpu ]; then
@@ -294,7 +294,7 @@ step_dali() {
   PYTHON=$PY bash benchmarks/dali_bundle.sh --install "$DALI_PARTS_DIR" "$site" || return
   export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
   local status=0
-  "$PY" -m pytest -q -p no:cacheprovider -rA --junitxml="$OUT/dali_tests.xml" tests/test_data_gpu.py || status=1
+  "$PY" -m pytest -q -p no:cacheprovider -rA --junitxml="$OUT/dali_tests.xml" tests/data/test_data_gpu.py || status=1
   "$PY" benchmarks/data_loading.py --pipeline dali synthetic --device "$DEVICE" --batch_size 128 \
     --num_images 1024 --steps 30 --json "$OUT/data_loading.json" || status=1
   return $status

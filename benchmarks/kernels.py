@@ -6,24 +6,31 @@
 Each suite lives in its own module (bench_<suite>.py beside this file) exposing
 ``run(device, *, full) -> list[dict]``: one row per (shape, implementation), with the
 median time and, on CUDA, peak extra memory. ``full`` selects the anchor shapes of
-DESIGN.md; without it a suite uses small shapes that finish in seconds on a CPU. A suite
+docs/design.md; without it a suite uses small shapes that finish in seconds on a CPU. A suite
 that fails is reported as a failure row with the reason, never dropped.
 """
 
 from __future__ import annotations
+
+if not __package__:  # `python benchmarks/kernels.py`: rerun as `python -m benchmarks.kernels`
+    from as_module import rerun_as_module
+
+    rerun_as_module(__file__)
 
 import argparse
 import importlib
 import traceback
 
 import torch
-from timing import environment, write_json
+
+from benchmarks import timing
+from benchmarks.timing import environment, write_json
 
 SUITES = {
-    "dino_loss": "bench_dino_loss",
-    "ema": "bench_ema",
-    "clip": "bench_clip",
-    "vit": "bench_vit",
+    "dino_loss": "benchmarks.bench_dino_loss",
+    "ema": "benchmarks.bench_ema",
+    "clip": "benchmarks.bench_clip",
+    "vit": "benchmarks.bench_vit",
 }
 
 
@@ -71,8 +78,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     full = device.type == "cuda" if args.full is None else args.full
     if args.once:  # before the suites import it
-        import timing
-
         timed = timing.measure
         timing.measure = lambda fn, *, device, warmup=0, iters=1: timed(fn, device=device, warmup=0, iters=1)
     rows: list[dict] = []

@@ -1,5 +1,4 @@
-"""Timing and environment helpers shared by the benchmark scripts (imported as ``timing``:
-each script runs with benchmarks/ as its first sys.path entry).
+"""Timing and environment helpers shared by the benchmark scripts.
 
 Timings follow one rule: warm-up first, then the median of many runs, with CUDA events on a
 GPU and perf_counter on a CPU. Ratios are meaningful only between numbers measured in the
@@ -9,6 +8,7 @@ same run on the same device.
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import platform
 import statistics
@@ -83,3 +83,14 @@ def write_json(path: str | Path | None, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def release_memory(device: torch.device, compiled: bool) -> None:
+    """Free what the last measured thing held, so that the next one's peak memory is its own."""
+    if compiled:
+        torch._dynamo.reset()  # compiled graphs (and CUDA-graph pools) hold their own memory
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)

@@ -26,7 +26,7 @@ parameters the two agree but for the resize (DALI's cubic against PIL's bicubic,
 levels on average) and float32 ties of one level (tests/test_dali_fidelity.py).
 ``color_ops="affine"`` trades the color fidelity for fewer operators (``affine_color``).
 Statistics of the two pipelines (flip, grayscale and solarization rates, crop areas, output
-mean and std) are compared in tests/test_data_agreement.py.
+mean and std) are compared in tests/data/test_data_agreement.py.
 
 Bad input: the policy of ``dino_fast.data.folders`` (unusable files left out at
 construction; a file that still fails to decode mid-epoch is found, the pipeline rebuilt, and

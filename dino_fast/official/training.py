@@ -1,6 +1,6 @@
 """The official DINO training code (facebookresearch/dino ``main_dino.py`` and the ``utils.py``
-functions it calls): the construction of student and teacher in ``train_dino``, one iteration of
-``train_one_epoch``, and ``DINOLoss``, transcribed as the official code runs them.
+functions it calls): the construction of student and teacher in ``train_dino``, the schedules and
+one iteration of ``train_one_epoch``, transcribed as the official code runs them.
 
 It imports nothing from the rest of dino_fast, so that comparing dino_fast with it tests something.
 What one process without a process group cannot run is left out where it stands: the DDP
@@ -11,33 +11,32 @@ buffers) and ``.cuda()`` (the caller places the models).
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Sequence
-from types import ModuleType
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino_fast.official import vision_transformer as vits
+from dino_fast.official.loss import DINOLoss
+
 __all__ = [
-    "DINOLoss",
     "OfficialArgs",
     "build_student_teacher",
     "cancel_gradients_last_layer",
     "clip_gradients",
+    "cosine_scheduler",
     "fix_random_seeds",
     "get_params_groups",
     "has_batchnorms",
     "train_one_iteration",
-    "trunc_normal_",
+    "update_teacher",
 ]
 
 
 class OfficialArgs(Protocol):
-    """The ``main_dino.py`` arguments these functions read (``dino_fast.config.TrainConfig`` has them)."""
+    """The ``main_dino.py`` arguments these functions read (dino_fast's training config has them)."""
 
     arch: str
     patch_size: int
@@ -58,32 +57,6 @@ def fix_random_seeds(seed: int = 31) -> None:
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
     np.random.seed(seed)
-
-
-def trunc_normal_(
-    tensor: Tensor, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0
-) -> Tensor:
-    """``utils._no_grad_trunc_normal_``: inverse-CDF sampling, one uniform draw per element (the
-    official ViT and head initialize with this one, not with ``torch.nn.init.trunc_normal_``)."""
-
-    def norm_cdf(x: float) -> float:
-        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
-
-    if (mean < a - 2 * std) or (mean > b + 2 * std):
-        warnings.warn(
-            "mean is more than 2 std from [a, b] in nn.init.trunc_normal_. "
-            "The distribution of values may be incorrect.",
-            stacklevel=2,
-        )
-    with torch.no_grad():
-        l = norm_cdf((a - mean) / std)  # noqa: E741 - the official name
-        u = norm_cdf((b - mean) / std)
-        tensor.uniform_(2 * l - 1, 2 * u - 1)
-        tensor.erfinv_()
-        tensor.mul_(std * math.sqrt(2.0))
-        tensor.add_(mean)
-        tensor.clamp_(min=a, max=b)
-        return tensor
 
 
 def has_batchnorms(model: nn.Module) -> bool:
@@ -127,71 +100,40 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             p.grad = None
 
 
+def cosine_scheduler(
+    base_value: float,
+    final_value: float,
+    epochs: int,
+    niter_per_ep: int,
+    warmup_epochs: int = 0,
+    start_warmup_value: float = 0,
+) -> np.ndarray:
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = np.array(
+        [
+            final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / len(iters)))
+            for i in iters
+        ]
+    )
+
+    schedule = np.concatenate((warmup_schedule, schedule))
+    assert len(schedule) == epochs * niter_per_ep
+    return schedule
+
+
 # ----------------------------------------------------------------------------------------------
 # main_dino.py
 # ----------------------------------------------------------------------------------------------
 
 
-class DINOLoss(nn.Module):
-    def __init__(
-        self,
-        out_dim: int,
-        ncrops: int,
-        warmup_teacher_temp: float,
-        teacher_temp: float,
-        warmup_teacher_temp_epochs: int,
-        nepochs: int,
-        student_temp: float = 0.1,
-        center_momentum: float = 0.9,
-    ) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate(
-            (
-                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
-            )
-        )
-
-    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
-        student_out = student_output / self.student_temp
-        student_out = student_out.chunk(self.ncrops)
-
-        temp = self.teacher_temp_schedule[epoch]
-        teacher_out = F.softmax((teacher_output - self.center) / temp, dim=-1)
-        teacher_out = teacher_out.detach().chunk(2)
-
-        total_loss: Any = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue  # a view is never compared with itself
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: Tensor) -> None:
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        world_size = 1  # official: always all-reduced; here only under a process group
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            world_size = dist.get_world_size()
-        batch_center = batch_center / (len(teacher_output) * world_size)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-
-
-def build_student_teacher(vits: ModuleType, args: OfficialArgs) -> tuple[nn.Module, nn.Module]:
-    """``train_dino``'s student and teacher, built in its order from ``vits`` (what the official
-    ``vision_transformer.py`` provides: the ``vit_*`` constructors, ``DINOHead``, and
-    ``MultiCropWrapper`` from ``utils.py``). Call it after ``fix_random_seeds(args.seed)``."""
+def build_student_teacher(args: OfficialArgs) -> tuple[nn.Module, nn.Module]:
+    """``train_dino``'s student and teacher, built in its order. Call it after
+    ``fix_random_seeds(args.seed)`` for the official initial weights."""
     student = getattr(vits, args.arch)(patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
     teacher = getattr(vits, args.arch)(patch_size=args.patch_size)
     embed_dim = student.embed_dim
@@ -259,8 +201,12 @@ def train_one_iteration(
         fp16_scaler.update()
 
     # EMA update for the teacher (official: student.module and teacher_without_ddp, the bare modules)
-    with torch.no_grad():
-        m = momentum_schedule[it]
-        for param_q, param_k in zip(student.parameters(), teacher.parameters(), strict=True):
-            param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)
+    update_teacher(student.parameters(), teacher.parameters(), momentum_schedule[it])
     return loss.item(), param_norms
+
+
+@torch.no_grad()
+def update_teacher(student_params: Iterable[Tensor], teacher_params: Iterable[Tensor], m: float) -> None:
+    """``train_one_epoch``'s EMA update for the teacher: ``teacher = m * teacher + (1 - m) * student``."""
+    for param_q, param_k in zip(student_params, teacher_params, strict=True):
+        param_k.data.mul_(m).add_((1 - m) * param_q.detach().data)

@@ -1,0 +1,307 @@
+"""dino_fast against the official training code (dino_fast.official), from the same seed.
+
+1. The same ``--seed`` gives the official initial weights, bitwise: the official models of
+   dino_fast.official built in ``train_dino``'s order after ``fix_random_seeds``; dino_fast's
+   truncated normal draws exactly as the official inverse-CDF one.
+2. ``Trainer.step`` follows the official step for 10 steps, fp32 on CPU, with the official
+   defaults that shape the update: per-parameter clipping at 3.0, drop path 0.1, the last layer
+   frozen for the first epoch (4 steps per epoch, so the run crosses two epoch boundaries), the
+   learning rate still warming up.
+3. The comparison fails for planted bugs: the schedules read one iteration late, weight decay on
+   biases and norms, the last layer left unfrozen, the global-norm clip, unsynchronized drop path.
+
+Parameters are compared as whole vectors, ``|theta_ours - theta_official| <= 1e-4 |theta_official|``
+(L2), not element by element: Adam's first step divides each gradient element by its own
+magnitude plus 1e-8, so an element whose gradient is rounding noise (the attention key bias,
+whose true gradient is exactly zero; a few near-zero entries of the last layer on its first
+unfrozen step) moves by a random fraction of the learning rate in either implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from dino_fast.data import MultiCropBatch
+from dino_fast.models.init import trunc_normal_
+from dino_fast.official import training as official
+from dino_fast.official.loss import DINOLoss as OfficialDINOLoss
+from dino_fast.official.vision_transformer import trunc_normal_ as official_trunc_normal_
+from dino_fast.train import TrainConfig, Trainer
+from dino_fast.train import trainer as trainer_module
+
+STEPS = 10
+STEPS_PER_EPOCH = 4
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared CPU
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_config(**overrides: object) -> TrainConfig:
+    """The smoke preset's tiny ViT (vit_tiny/16 on 32- and 16-px crops, K=256, 4 images, 2 local
+    crops) with the official optimization defaults; the learning rate warms up over the first 8 of
+    12 iterations to a peak of 1e-3 (0.064 per 256 images), large enough that every planted bug
+    moves the parameters by more than the tolerance."""
+    values: dict[str, object] = dict(
+        data="synthetic", device="cpu", seed=0, precision="fp32", epochs=3, warmup_epochs=2, lr=0.064
+    )
+    values.update(overrides)
+    return TrainConfig.from_preset("smoke", **values)
+
+
+def batch(iteration: int) -> MultiCropBatch:
+    g = torch.Generator().manual_seed(iteration)
+    return MultiCropBatch(torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 16, 16, generator=g))
+
+
+# ---------------------------------------------------------------------------------------------
+# Initial weights
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "mean", "std", "a", "b"),
+    [
+        ((384, 1152), 0.0, 0.02, -2.0, 2.0),  # a ViT-S qkv weight, as the models draw it
+        ((1, 197, 384), 0.0, 0.02, -2.0, 2.0),  # the positional embedding
+        ((5000,), 0.5, 1.0, -0.5, 1.0),  # bounds that cut: values are clamped into [a, b]
+    ],
+)
+def test_trunc_normal_draws_exactly_as_the_official_one(shape, mean, std, a, b) -> None:
+    torch.manual_seed(11)
+    ours = trunc_normal_(torch.empty(shape), mean=mean, std=std, a=a, b=b)
+    ours_next = torch.rand(3)
+    torch.manual_seed(11)
+    theirs = official_trunc_normal_(torch.empty(shape), mean=mean, std=std, a=a, b=b)
+    theirs_next = torch.rand(3)
+    assert torch.equal(ours, theirs)
+    assert torch.equal(ours_next, theirs_next)  # the same number of draws: later draws line up
+    assert a <= float(ours.min()) and float(ours.max()) <= b
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"seed": 7, "norm_last_layer": False, "patch_size": 8},
+        {"use_bn_in_head": True, "arch": "vit_small", "out_dim": 64},
+    ],
+    ids=["smoke", "other-seed-unnormed-last-layer", "batchnorm-head-vit_small"],
+)
+def test_seed_gives_the_official_initial_weights_bitwise(overrides: dict[str, object]) -> None:
+    config = run_config(**overrides)
+    official.fix_random_seeds(config.seed)
+    student, teacher = official.build_student_teacher(config)
+    trainer = Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
+    for name, ours, theirs in (("student", trainer.student, student), ("teacher", trainer.teacher, teacher)):
+        expected = theirs.state_dict()
+        got = ours.state_dict()
+        # In the official order too: optimizer state dicts index parameters by position.
+        assert list(got) == list(expected), name
+        differ = [k for k in expected if not torch.equal(got[k], expected[k])]
+        assert not differ, f"{name}: {len(differ)} of {len(expected)} tensors differ, e.g. {differ[:3]}"
+    if config.use_bn_in_head:  # the official conversion, on both sides
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.student.modules())
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.teacher.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# Trajectory
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepComparison:
+    iteration: int
+    loss_ours: float
+    loss_official: float
+    student_rel_diff: float  # |theta_ours - theta_official| / |theta_official|, L2 over all parameters
+    teacher_rel_diff: float
+    largest_grad_norm: float  # the largest per-parameter gradient norm the official clip measured
+    clipped: int  # how many of the gradients it scaled down
+    gradients: int  # how many gradients it measured
+
+    @property
+    def loss_rel_diff(self) -> float:
+        return abs(self.loss_ours - self.loss_official) / abs(self.loss_official)
+
+    @property
+    def agrees(self) -> bool:
+        return max(self.loss_rel_diff, self.student_rel_diff, self.teacher_rel_diff) <= TOLERANCE
+
+
+def relative_distance(ours: torch.nn.Module, theirs: torch.nn.Module) -> float:
+    mine = dict(ours.named_parameters())
+    diff = sum(
+        float((mine[n].detach() - p.detach()).double().square().sum()) for n, p in theirs.named_parameters()
+    )
+    norm = sum(float(p.detach().double().square().sum()) for p in theirs.parameters())
+    return (diff / norm) ** 0.5
+
+
+def side_by_side(
+    config: TrainConfig,
+    *,
+    trainer: Trainer | None = None,
+    sync_drop_path: bool = True,
+    stop_at_disagreement: bool = False,
+) -> list[StepComparison]:
+    """``STEPS`` iterations of ``trainer`` (default: built from ``config``) and of the official step
+    with ``config``, from the trainer's initial weights and on the same crops."""
+    trainer = trainer or Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
+    student, teacher = official.build_student_teacher(config)
+    student.load_state_dict(trainer.student.state_dict())
+    teacher.load_state_dict(trainer.teacher.state_dict())
+    # train_dino's loss, optimizer and schedules, in its words (one process, len(data_loader) = 4)
+    args, niter_per_ep, world_size = config, STEPS_PER_EPOCH, 1
+    dino_loss = OfficialDINOLoss(
+        args.out_dim,
+        args.local_crops_number + 2,  # total number of crops = 2 global crops + local_crops_number
+        args.warmup_teacher_temp,
+        args.teacher_temp,
+        args.warmup_teacher_temp_epochs,
+        args.epochs,
+    )
+    optimizer = torch.optim.AdamW(official.get_params_groups(student))
+    lr_schedule = official.cosine_scheduler(
+        args.lr * (args.batch_size_per_gpu * world_size) / 256.0,  # linear scaling rule
+        args.min_lr,
+        args.epochs,
+        niter_per_ep,
+        warmup_epochs=args.warmup_epochs,
+    )
+    wd_schedule = official.cosine_scheduler(
+        args.weight_decay, args.weight_decay_end, args.epochs, niter_per_ep
+    )
+    momentum_schedule = official.cosine_scheduler(args.momentum_teacher, 1, args.epochs, niter_per_ep)
+
+    comparisons = []
+    for it in range(STEPS):
+        crops = batch(it)
+        # Both sides draw their drop-path masks from the global generator in the official order
+        # (dino_fast's one draw is laid out as the official per-resolution, per-block draws), so the
+        # same generator state before each side's step gives both the same masks.
+        torch.manual_seed(1000 + it)
+        loss_ours = float(trainer.step(crops, it))
+        if sync_drop_path:
+            torch.manual_seed(1000 + it)
+        loss_official, norms = official.train_one_iteration(
+            student,
+            teacher,
+            dino_loss,
+            crops.crops(),
+            optimizer,
+            lr_schedule,
+            wd_schedule,
+            momentum_schedule,
+            it,
+            it // niter_per_ep,
+            None,  # fp32: no fp16_scaler
+            args,
+        )
+        comparison = StepComparison(
+            iteration=it,
+            loss_ours=loss_ours,
+            loss_official=loss_official,
+            student_rel_diff=relative_distance(trainer.student, student),
+            teacher_rel_diff=relative_distance(trainer.teacher, teacher),
+            largest_grad_norm=max(norms or [0.0]),
+            clipped=sum(config.clip_grad / (n + 1e-6) < 1 for n in norms) if config.clip_grad else 0,
+            gradients=len(norms),
+        )
+        comparisons.append(comparison)
+        if stop_at_disagreement and not comparison.agrees:
+            break
+    return comparisons
+
+
+def report(comparisons: list[StepComparison]) -> str:
+    return "\n".join(
+        f"step {c.iteration}: loss {c.loss_ours:.6f} vs {c.loss_official:.6f} (rel {c.loss_rel_diff:.1e}), "
+        f"student {c.student_rel_diff:.1e}, teacher {c.teacher_rel_diff:.1e}, largest gradient norm "
+        f"{c.largest_grad_norm:.2f}, {c.clipped} clipped"
+        for c in comparisons
+    )
+
+
+@pytest.mark.parametrize(
+    "clip_grad",
+    [3.0, 1.0],
+    ids=["official-clip-3.0", "clip-1.0-bites-on-some-parameters"],
+)
+def test_trainer_step_follows_the_official_trajectory(clip_grad: float) -> None:
+    config = run_config(clip_grad=clip_grad)
+    if clip_grad == 3.0:
+        assert (config.drop_path_rate, config.freeze_last_layer, config.clip_grad_mode) == (
+            0.1,
+            1,
+            "per_param",
+        )
+    comparisons = side_by_side(config)
+    text = report(comparisons)
+    assert all(c.agrees for c in comparisons), f"dino_fast left the official trajectory:\n{text}"
+    assert comparisons[0].loss_official != comparisons[-1].loss_official, "the steps changed nothing"
+    if clip_grad == 1.0:
+        # The per-parameter rule at work: in a step, some gradients are scaled and others are not.
+        assert any(0 < c.clipped < c.gradients for c in comparisons), text
+
+
+class _SchedulesReadOneLate:
+    def __init__(self, schedules: object) -> None:
+        self.schedules = schedules
+
+    def at(self, iteration: int) -> object:
+        return self.schedules.at(iteration + 1)
+
+
+def _schedule_off_by_one(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
+    trainer = Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
+    trainer.schedules = _SchedulesReadOneLate(trainer.schedules)
+    return trainer
+
+
+def _weight_decay_on_biases_and_norms(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
+    one_group = lambda model: [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    monkeypatch.setattr(trainer_module, "get_params_groups", one_group)
+    return Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
+
+
+def _last_layer_not_frozen(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
+    return Trainer(dataclasses.replace(config, freeze_last_layer=0), "cpu", steps_per_epoch=STEPS_PER_EPOCH)
+
+
+def _global_norm_clip(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
+    return Trainer(
+        dataclasses.replace(config, clip_grad_mode="global"), "cpu", steps_per_epoch=STEPS_PER_EPOCH
+    )
+
+
+PLANTED_BUGS: dict[str, Callable[[TrainConfig, pytest.MonkeyPatch], Trainer]] = {
+    "schedules-read-one-iteration-late": _schedule_off_by_one,
+    "weight-decay-on-biases-and-norms": _weight_decay_on_biases_and_norms,
+    "last-layer-not-frozen": _last_layer_not_frozen,
+    "global-norm-clip": _global_norm_clip,
+}
+
+
+@pytest.mark.parametrize("bug", list(PLANTED_BUGS))
+def test_the_comparison_catches_a_planted_bug(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = run_config()
+    trainer = PLANTED_BUGS[bug](config, monkeypatch)
+    comparisons = side_by_side(config, trainer=trainer, stop_at_disagreement=True)
+    assert not comparisons[-1].agrees, f"{bug} went unnoticed:\n{report(comparisons)}"
+
+
+def test_the_comparison_catches_unsynchronized_drop_path() -> None:
+    comparisons = side_by_side(run_config(), sync_drop_path=False, stop_at_disagreement=True)
+    assert not comparisons[-1].agrees, f"different drop-path masks went unnoticed:\n{report(comparisons)}"
