@@ -7,9 +7,10 @@ for R student rows s (any float dtype), T target rows q (R a multiple of T: stud
 batch of T samples uses the same targets as every other crop) and per-row weights w (R,). A weight
 of 0 skips its row (the masked-out patches of ``iBOTPatchLoss.forward``).
 
-The forward saves per row (M, log Z, sum_k q_k): M the max of s_r / tau_s and log Z the log-sum-exp
-of the logits minus M, as the DINO loss does (dino_fast.ops.loss), plus the target's mass, which a
-Sinkhorn target has only up to rounding. The backward rebuilds p = softmax(s_r / tau_s) from them:
+The forward saves per row (M, log Z, sum_k q_k), left unspecified for rows of weight 0: M the max
+of s_r / tau_s and log Z the log-sum-exp of the logits minus M, as the DINO loss does
+(dino_fast.ops.loss), plus the target's mass, which a Sinkhorn target has only up to rounding.
+The backward rebuilds p = softmax(s_r / tau_s) from them:
 
     d loss / d s_rk = g * w_r / tau_s * (sum_j q_rj * p_rk - q_rk)
 
@@ -17,7 +18,8 @@ so no backend keeps (R, K) fp32 temporaries between forward and backward. Differ
 student only (targets and weights are constants, as in dinov2).
 
 Backends: ``triton`` (dino_fast.kernels.cross_entropy), ``torch`` (dino_fast.ops.reference); ``native``
-has no kernel for this op yet and raises BackendUnavailableError when asked for.
+has no kernel for this op yet and raises BackendUnavailableError when asked for (on CPU, None picks
+torch).
 """
 
 from __future__ import annotations
