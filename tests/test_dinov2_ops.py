@@ -15,13 +15,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dinov2_formulas import dinov2_koleo, dinov2_sinkhorn_knopp
 
-from dino_fast.ops import reference
+from dino_fast.ops import backends, reference
 from dino_fast.ops.backends import BackendUnavailableError
 from dino_fast.ops.cross_entropy import weighted_cross_entropy, weighted_cross_entropy_with_stats
 from dino_fast.ops.koleo import koleo_loss
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "native", "triton"]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # fp32 results against fp64: a few fp32 roundings per entry (exp, ~3 normalizations, sums of <= 300
 # terms in fp32), so 1e-5 relative is the bar with a margin of ~10x over what we observe.
@@ -86,36 +86,45 @@ def test_sinkhorn_finite_where_dinov2_overflows_fp32(backend):
     torch.testing.assert_close(got.sum(dim=1), torch.ones(7, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
-def test_sinkhorn_rejects_no_iterations_and_has_no_native_kernel():
+def test_sinkhorn_rejects_no_iterations():
     with pytest.raises(ValueError, match="n_iterations"):
         sinkhorn_knopp(torch.randn(3, 4), 0.1, n_iterations=0)
-    with pytest.raises(BackendUnavailableError, match="sinkhorn"):
-        sinkhorn_knopp(torch.randn(3, 4), 0.1, backend="native")
 
 
-def _sinkhorn_rank(rank: int, world: int, init_file: str, backend: str, result: dict) -> None:
+def test_native_backend_unavailable_for_cuda_tensors_is_explained():
+    # The native kernels are CPU-only; selecting them for another device names the missing kernel.
+    for native_op in ("sinkhorn_assign", "weighted_cross_entropy_fwd"):
+        with pytest.raises(BackendUnavailableError, match=native_op):
+            backends.select_backend("native", torch.device("meta"), op="test", native_op=native_op)
+
+
+def _sinkhorn_rank(rank: int, world: int, init_file: str, result: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         full = teacher_logits(9, 37, seed=4).float()
         mine = full[[0, 1, 2, 3] if rank == 0 else [4, 5, 6, 7, 8]]  # unequal shares
-        result[rank] = sinkhorn_knopp(mine, 0.05, backend=backend)
+        for backend in BACKENDS:
+            result[(backend, rank)] = sinkhorn_knopp(mine, 0.05, backend=backend)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sinkhorn_two_gloo_ranks_equal_the_concatenated_batch(backend, tmp_path):
+def test_sinkhorn_two_gloo_ranks_equal_the_concatenated_batch(tmp_path):
+    # One pair of processes runs every backend (starting processes dominates the test's time).
     manager = mp.Manager()
     result = manager.dict()
-    mp.spawn(_sinkhorn_rank, args=(2, str(tmp_path / "init"), backend, result), nprocs=2, join=True)
-    got = torch.cat([result[0], result[1]]).double()
+    mp.spawn(_sinkhorn_rank, args=(2, str(tmp_path / "init"), result), nprocs=2, join=True)
     expected = dinov2_sinkhorn_knopp(teacher_logits(9, 37, seed=4).float().double(), 0.05)
-    torch.testing.assert_close(got, expected, rtol=RTOL_FP32, atol=ATOL_TINY)
-    # Without the all-reduce a rank's share is normalized on its own: visibly different.
-    alone = sinkhorn_knopp(
-        teacher_logits(9, 37, seed=4).float()[:4], 0.05, distributed=False, backend=backend
-    )
-    assert not torch.allclose(alone.double(), expected[:4], rtol=1e-3)
+    for backend in BACKENDS:
+        got = torch.cat([result[(backend, 0)], result[(backend, 1)]]).double()
+        torch.testing.assert_close(
+            got, expected, rtol=RTOL_FP32, atol=ATOL_TINY, msg=lambda m, b=backend: f"{b}: {m}"
+        )
+        # Without the all-reduce a rank's share is normalized on its own: visibly different.
+        alone = sinkhorn_knopp(
+            teacher_logits(9, 37, seed=4).float()[:4], 0.05, distributed=False, backend=backend
+        )
+        assert not torch.allclose(alone.double(), expected[:4], rtol=1e-3)
 
 
 # --- weighted cross-entropy ----------------------------------------------------------------------

@@ -17,9 +17,8 @@ The backward rebuilds p = softmax(s_r / tau_s) from them:
 so no backend keeps (R, K) fp32 temporaries between forward and backward. Differentiable in the
 student only (targets and weights are constants, as in dinov2).
 
-Backends: ``triton`` (dino_fast.kernels.cross_entropy), ``torch`` (dino_fast.ops.reference); ``native``
-has no kernel for this op yet and raises BackendUnavailableError when asked for (on CPU, None picks
-torch).
+Backends: ``triton`` (dino_fast.kernels.cross_entropy), ``native`` (csrc/cross_entropy.cpp, CPU:
+``torch.ops.dino_fast_native.weighted_cross_entropy_fwd/bwd``) and ``torch`` (dino_fast.ops.reference).
 """
 
 from __future__ import annotations
@@ -99,8 +98,21 @@ def _backward_triton(grad_loss, student, target, weights, stats, student_temp):
     )
 
 
-_FORWARD = {"torch": _forward_torch, "triton": _forward_triton}
-_BACKWARD = {"torch": _backward_torch, "triton": _backward_triton}
+def _forward_native(student, target, weights, student_temp):
+    loss, stats = torch.ops.dino_fast_native.weighted_cross_entropy_fwd(
+        student, target, weights, student_temp
+    )
+    return loss, stats
+
+
+def _backward_native(grad_loss, student, target, weights, stats, student_temp):
+    return torch.ops.dino_fast_native.weighted_cross_entropy_bwd(
+        grad_loss, student, target, weights, stats, student_temp
+    )
+
+
+_FORWARD = {"torch": _forward_torch, "native": _forward_native, "triton": _forward_triton}
+_BACKWARD = {"torch": _backward_torch, "native": _backward_native, "triton": _backward_triton}
 
 
 @torch.library.custom_op("dino_fast::weighted_cross_entropy_with_stats", mutates_args=())

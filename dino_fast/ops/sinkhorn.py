@@ -19,8 +19,8 @@ m, then per iteration one for the prototype sums u_k = sum_b E_bk c_b and one fo
 v_b = sum_k E_bk r_k, and one that writes the (B, K) assignment: no (B, K) temporary but the output.
 Between passes only vectors cross ranks: m (MAX) once, u (SUM) per iteration.
 
-Backends: ``triton`` (dino_fast.kernels.sinkhorn), ``torch`` (the same passes in PyTorch). ``native``
-has no Sinkhorn kernel yet; asking for it raises BackendUnavailableError.
+Backends: ``triton`` (dino_fast.kernels.sinkhorn), ``native`` (csrc/sinkhorn.cpp, CPU only:
+``torch.ops.dino_fast_native.sinkhorn_*``) and ``torch`` (the same passes in PyTorch).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dino_fast.ops.backends import select_backend
 
 __all__ = ["sinkhorn_knopp"]
 
-NATIVE_OP = "sinkhorn_passes"
+NATIVE_OP = "sinkhorn_assign"
 
 
 class _Passes(Protocol):
@@ -72,7 +72,25 @@ class _TorchPasses:
         return self._exp(logits, temp, shift) * r[None, :] * c[:, None]
 
 
+class _NativePasses:
+    """The passes of csrc/sinkhorn.cpp."""
+
+    def column_max(self, logits, temp):
+        return torch.ops.dino_fast_native.sinkhorn_column_max(logits, temp)
+
+    def prototype_sums(self, logits, temp, shift, c):
+        return torch.ops.dino_fast_native.sinkhorn_prototype_sums(logits, temp, shift, c)
+
+    def sample_sums(self, logits, temp, shift, r):
+        return torch.ops.dino_fast_native.sinkhorn_sample_sums(logits, temp, shift, r)
+
+    def assign(self, logits, temp, shift, r, c):
+        return torch.ops.dino_fast_native.sinkhorn_assign(logits, temp, shift, r, c)
+
+
 def _passes(backend: str) -> _Passes:
+    if backend == "native":
+        return _NativePasses()
     if backend == "triton":
         from dino_fast.kernels import sinkhorn as triton_sinkhorn
 
