@@ -93,7 +93,7 @@ def test_sinkhorn_rejects_no_iterations():
 
 def test_native_backend_unavailable_for_cuda_tensors_is_explained():
     # The native kernels are CPU-only; selecting them for another device names the missing kernel.
-    for native_op in ("sinkhorn_assign", "weighted_cross_entropy_fwd"):
+    for native_op in ("sinkhorn_exp", "weighted_cross_entropy_fwd"):
         with pytest.raises(BackendUnavailableError, match=native_op):
             backends.select_backend("native", torch.device("meta"), op="test", native_op=native_op)
 

@@ -14,13 +14,16 @@ exactly, and so does the shift by m_k (a prototype-wide factor the first r step 
 is why the result equals dinov2's wherever dinov2's exp(t / tau) is finite, and stays finite where
 that overflows fp32 (t / tau > 88.7). Every E_bk <= 1, so the sums cannot overflow.
 
-Passes over the logits (bf16/fp16/fp32 read as stored, everything else fp32; fp64 in fp64): one for
-m, then per iteration one for the prototype sums u_k = sum_b E_bk c_b and one for the sample sums
-v_b = sum_k E_bk r_k, and one that writes the (B, K) assignment: no (B, K) temporary but the output.
-Between passes only vectors cross ranks: m (MAX) once, u (SUM) per iteration.
+Passes, each a read of the logits or of E: one for m, then per iteration one for the prototype
+sums u_k = sum_b E_bk c_b and one for the sample sums v_b = sum_k E_bk r_k, and one that writes
+the (B, K) assignment; sums in fp32 (fp64 for fp64 input). Between passes only vectors cross ranks:
+m (MAX) once, u (SUM) per iteration. The Triton kernels (GPU: bytes are the cost) recompute E from
+the stored bf16/fp32 logits in every pass; the native and torch backends (CPU: exponentials are
+the cost) write E once into the buffer that becomes the output and take the sums as matrix-vector
+products on it. Either way nothing (B, K)-sized is allocated but the output.
 
-Backends: ``triton`` (dino_fast.kernels.sinkhorn), ``native`` (csrc/sinkhorn.cpp, CPU only:
-``torch.ops.dino_fast_native.sinkhorn_*``) and ``torch`` (the same passes in PyTorch).
+Backends: ``triton`` (dino_fast.kernels.sinkhorn), ``native`` (csrc/sinkhorn.cpp, CPU:
+``torch.ops.dino_fast_native.sinkhorn_column_max/sinkhorn_exp``) and ``torch`` (plain PyTorch).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from dino_fast.ops.backends import select_backend
 
 __all__ = ["sinkhorn_knopp"]
 
-NATIVE_OP = "sinkhorn_assign"
+NATIVE_OP = "sinkhorn_exp"
 
 
 class _Passes(Protocol):
@@ -49,53 +52,51 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-class _TorchPasses:
-    """The passes in plain PyTorch; each rebuilds E from the logits (a (B, K) temporary per pass)."""
+class _MaterializedPasses:
+    """The passes for the CPU-side backends: E is computed once, into the buffer that becomes the
+    output, and the sums are matrix-vector products on it (on a CPU the exponentials, not the bytes,
+    are the cost). ``exponentials(logits, temp, shift)`` returns E in the accumulation dtype."""
 
-    @staticmethod
-    def _exp(logits: Tensor, temp: float, shift: Tensor) -> Tensor:
-        return torch.exp(logits.to(_acc(logits.dtype)) / temp - shift[None, :])
+    def __init__(self, column_max, exponentials) -> None:
+        self.column_max = column_max
+        self._exponentials = exponentials
+        self._e: Tensor | None = None
 
-    def column_max(self, logits, temp):
-        scaled = logits.to(_acc(logits.dtype)) / temp
-        if logits.shape[0] == 0:
-            return scaled.new_full((logits.shape[1],), float("-inf"))
-        return scaled.amax(dim=0)
-
-    def prototype_sums(self, logits, temp, shift, c):
-        return (self._exp(logits, temp, shift) * c[:, None]).sum(dim=0)
-
-    def sample_sums(self, logits, temp, shift, r):
-        return (self._exp(logits, temp, shift) * r[None, :]).sum(dim=1)
-
-    def assign(self, logits, temp, shift, r, c):
-        return self._exp(logits, temp, shift) * r[None, :] * c[:, None]
-
-
-class _NativePasses:
-    """The passes of csrc/sinkhorn.cpp."""
-
-    def column_max(self, logits, temp):
-        return torch.ops.dino_fast_native.sinkhorn_column_max(logits, temp)
+    def _exp(self, logits: Tensor, temp: float, shift: Tensor) -> Tensor:
+        if self._e is None:
+            self._e = self._exponentials(logits, temp, shift)
+        return self._e
 
     def prototype_sums(self, logits, temp, shift, c):
-        return torch.ops.dino_fast_native.sinkhorn_prototype_sums(logits, temp, shift, c)
+        return self._exp(logits, temp, shift).t().mv(c)
 
     def sample_sums(self, logits, temp, shift, r):
-        return torch.ops.dino_fast_native.sinkhorn_sample_sums(logits, temp, shift, r)
+        return self._exp(logits, temp, shift).mv(r)
 
     def assign(self, logits, temp, shift, r, c):
-        return torch.ops.dino_fast_native.sinkhorn_assign(logits, temp, shift, r, c)
+        return self._exp(logits, temp, shift).mul_(r[None, :]).mul_(c[:, None])
+
+
+def _torch_column_max(logits: Tensor, temp: float) -> Tensor:
+    if logits.shape[0] == 0:
+        return logits.new_full((logits.shape[1],), float("-inf"), dtype=_acc(logits.dtype))
+    return logits.amax(dim=0).to(_acc(logits.dtype)) / temp  # x / temp is monotone in x, also once rounded
+
+
+def _torch_exponentials(logits: Tensor, temp: float, shift: Tensor) -> Tensor:
+    return logits.to(_acc(logits.dtype), copy=True).div_(temp).sub_(shift[None, :]).exp_()
 
 
 def _passes(backend: str) -> _Passes:
-    if backend == "native":
-        return _NativePasses()
     if backend == "triton":
         from dino_fast.kernels import sinkhorn as triton_sinkhorn
 
         return triton_sinkhorn
-    return _TorchPasses()
+    if backend == "native":
+        return _MaterializedPasses(
+            torch.ops.dino_fast_native.sinkhorn_column_max, torch.ops.dino_fast_native.sinkhorn_exp
+        )
+    return _MaterializedPasses(_torch_column_max, _torch_exponentials)
 
 
 def _validate(teacher_output: Tensor, teacher_temp: float, n_iterations: int) -> None:
