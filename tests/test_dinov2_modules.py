@@ -9,6 +9,7 @@ tests/test_dinov2_ops.py; the modules run on the default backend.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from dinov2_formulas import (
     dinov2_center_step,
@@ -22,6 +23,8 @@ from dinov2_formulas import (
 from dino_fast.dinov2 import DINOLoss, KoLeoLoss, iBOTPatchLoss
 
 RTOL = 1e-5
+# Triton runs on the CPU under the interpreter here (tests/conftest.py).
+BACKENDS = ["torch", "native"] + (["triton"] if not torch.cuda.is_available() else [])
 
 
 def randn(*shape: int, seed: int, scale: float = 2.0) -> torch.Tensor:
@@ -100,9 +103,10 @@ def test_ibot_forward_with_an_image_without_masked_patches():
     assert torch.all(s.grad[1] == 0)
 
 
-def test_ibot_forward_masked_with_sinkhorn_targets_and_truncation():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ibot_forward_masked_with_sinkhorn_targets_and_truncation(backend):
     images, patches, K = 4, 6, 29
-    loss_fn = iBOTPatchLoss(K)
+    loss_fn = iBOTPatchLoss(K, backend=backend)
     masks = torch.zeros(images, patches, dtype=torch.bool)
     masks[0, :3] = True
     masks[2, 1] = True

@@ -207,6 +207,46 @@ def test_weighted_cross_entropy_backward_runs_on_another_backend():
         torch.testing.assert_close(grad.double(), expected, rtol=0, atol=RTOL_FP32 * expected.abs().max())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_cross_entropy_bf16_student_fp32_target(backend):
+    student, target, weights = ce_inputs(10, 5, 45, seed=9)
+    student = student.bfloat16()
+    s64 = student.double().requires_grad_()
+    expected = dinov2_weighted_ce(s64, target, weights, 0.125)
+    expected.backward()
+    device = device_for(backend)
+    s = student.to(device).requires_grad_()
+    loss = weighted_cross_entropy(
+        s, target.float().to(device), weights.float().to(device), student_temp=0.125, backend=backend
+    )
+    loss.backward()
+    assert loss.dtype == torch.float32 and s.grad.dtype == torch.bfloat16
+    # bf16 values are exact in fp32: the loss keeps fp32 accuracy; the gradient is rounded to bf16
+    # (8 significant bits: 2^-8 of the largest entry).
+    torch.testing.assert_close(loss.cpu().double(), expected.detach(), rtol=RTOL_FP32, atol=0)
+    torch.testing.assert_close(s.grad.cpu().double(), s64.grad, rtol=0, atol=2**-8 * s64.grad.abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weighted_cross_entropy_backward_ignores_statistics_of_weight_zero_rows(backend):
+    # Their statistics are unspecified (skipped by the forward): poisoned with NaN, the gradient
+    # of those rows must still be exactly 0 and the others unaffected.
+    student, target, weights = (x.float() for x in ce_inputs(6, 3, 33, seed=10))
+    weights[4] = 0.0
+    _, stats = weighted_cross_entropy_with_stats(student, target, weights, backend="torch")
+    stats[weights == 0] = float("nan")
+    device = device_for(backend)
+    grad = torch.ops.dino_fast.weighted_cross_entropy_backward(
+        torch.tensor(1.0, device=device), student.to(device), target.to(device), weights.to(device),
+        stats.to(device), 0.1, backend,
+    ).cpu()  # fmt: skip
+    expected = reference.reference_weighted_cross_entropy_grad(
+        student.double(), target.double(), weights.double(), student_temp=0.1
+    )
+    assert torch.all(grad[weights == 0] == 0)
+    torch.testing.assert_close(grad.double(), expected, rtol=0, atol=RTOL_FP32 * expected.abs().max())
+
+
 def test_weighted_cross_entropy_validates_shapes():
     with pytest.raises(ValueError, match="multiple"):
         weighted_cross_entropy(torch.randn(5, 4), torch.rand(2, 4), torch.ones(5))
