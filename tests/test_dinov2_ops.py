@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from dinov2_formulas import dinov2_koleo, dinov2_sinkhorn_knopp
 
+from dino_fast.dinov2 import DINOLoss, iBOTPatchLoss
 from dino_fast.ops import backends, reference
 from dino_fast.ops.backends import BackendUnavailableError
 from dino_fast.ops.cross_entropy import weighted_cross_entropy, weighted_cross_entropy_with_stats
@@ -105,11 +106,20 @@ def _sinkhorn_rank(rank: int, world: int, init_file: str, result: dict) -> None:
         mine = full[[0, 1, 2, 3] if rank == 0 else [4, 5, 6, 7, 8]]  # unequal shares
         for backend in BACKENDS:
             result[(backend, rank)] = sinkhorn_knopp(mine, 0.05, backend=backend)
+        # The modules' distributed parts: the asynchronous center all-reduce, and iBOT's in-place
+        # all-reduce of the masked-patch count (dinov2's side effect, kept).
+        dino = DINOLoss(37)
+        dino.update_center(mine)
+        dino.apply_center_update()
+        result[("center", rank)] = dino.center
+        count = torch.tensor(len(mine))
+        result[("ibot", rank)] = iBOTPatchLoss(37).sinkhorn_knopp_teacher(mine, 0.05, count)
+        result[("count", rank)] = count
     finally:
         dist.destroy_process_group()
 
 
-def test_sinkhorn_two_gloo_ranks_equal_the_concatenated_batch(tmp_path):
+def test_two_gloo_ranks_sinkhorn_equals_the_concatenated_batch_and_centers_all_reduce(tmp_path):
     # One pair of processes runs every backend (starting processes dominates the test's time).
     manager = mp.Manager()
     result = manager.dict()
@@ -125,6 +135,14 @@ def test_sinkhorn_two_gloo_ranks_equal_the_concatenated_batch(tmp_path):
             teacher_logits(9, 37, seed=4).float()[:4], 0.05, distributed=False, backend=backend
         )
         assert not torch.allclose(alone.double(), expected[:4], rtol=1e-3)
+    ibot = torch.cat([result[("ibot", 0)], result[("ibot", 1)]]).double()
+    torch.testing.assert_close(ibot, expected, rtol=RTOL_FP32, atol=ATOL_TINY)
+    assert result[("count", 0)].item() == result[("count", 1)].item() == 9
+    # dinov2 divides the all-reduced sum by (local rows * world size): the mean when shares are equal.
+    full_sum = teacher_logits(9, 37, seed=4).float().double().sum(dim=0, keepdim=True)
+    for rank, local_rows in ((0, 4), (1, 5)):
+        center = 0.1 * full_sum / (local_rows * 2)
+        torch.testing.assert_close(result[("center", rank)].double(), center, rtol=1e-6, atol=1e-8)
 
 
 # --- weighted cross-entropy ----------------------------------------------------------------------
