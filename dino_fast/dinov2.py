@@ -107,8 +107,10 @@ class DINOLoss(_AsyncCenter):
 
         The targets are summed once (the cross-entropy is linear in them), then every student crop
         is one fused pass."""
-        targets = teacher_out_softmaxed_centered_list
-        target = targets[0] if len(targets) == 1 else torch.stack(list(targets)).float().sum(dim=0)
+        targets = list(teacher_out_softmaxed_centered_list)
+        target = targets[0]
+        for other in targets[1:]:  # one (B, K) sum, no stacked copy
+            target = target.float() + other
         total = None
         for student in student_output_list:
             weights = torch.full((student.shape[0],), 1.0 / student.shape[0], device=student.device)

@@ -79,8 +79,8 @@ class DINOLoss(nn.Module):
             )
         teacher = torch.cat(list(teacher_out))
         student = torch.cat(list(student_out))
-        if teacher.dtype != student.dtype:
-            teacher = teacher.to(student.dtype)
+        dtype = torch.promote_types(teacher.dtype, student.dtype)  # the fused op takes one dtype
+        teacher, student = teacher.to(dtype), student.to(dtype)
         loss, _, _, column_sum = dino_loss_with_stats(
             student,
             teacher,

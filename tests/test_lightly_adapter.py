@@ -64,3 +64,20 @@ def test_update_center_matches_lightly():
 def test_too_few_student_views_is_explained():
     with pytest.raises(ValueError, match="student view"):
         DINOLoss(output_dim=5)(views(2, 2, 5, seed=0), views(1, 2, 5, seed=1))
+
+
+def test_bf16_student_with_fp32_teacher_keeps_the_teacher_precise():
+    # lightly computes the teacher softmax in the teacher's fp32; the adapter promotes rather than
+    # rounding the teacher to bf16 (which would move the loss by ~1e-3 at tau_t = 0.04).
+    teacher = views(2, 3, 33, seed=20)
+    student = [s.bfloat16() for s in views(4, 3, 33, seed=21)]
+    ours_student = [s.clone().requires_grad_() for s in student]
+    theirs_student = [s.float().requires_grad_() for s in student]
+    loss = DINOLoss(output_dim=33)(teacher, ours_student)
+    expected = LightlyDINOLoss(output_dim=33)(teacher, theirs_student)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=RTOL, atol=0)
+    assert ours_student[0].grad.dtype == torch.bfloat16
+    for got, want in zip(ours_student, theirs_student, strict=True):  # the gradient is rounded to bf16
+        torch.testing.assert_close(got.grad.float(), want.grad, rtol=0, atol=2**-8 * want.grad.abs().max())
