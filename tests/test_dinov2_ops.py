@@ -106,6 +106,10 @@ def _sinkhorn_rank(rank: int, world: int, init_file: str, result: dict) -> None:
         mine = full[[0, 1, 2, 3] if rank == 0 else [4, 5, 6, 7, 8]]  # unequal shares
         for backend in BACKENDS:
             result[(backend, rank)] = sinkhorn_knopp(mine, 0.05, backend=backend)
+            # A rank without rows (no masked patch on any of its images) still joins every all-reduce.
+            result[(backend, "empty", rank)] = sinkhorn_knopp(
+                full if rank else full[:0], 0.05, backend=backend
+            )
         # The modules' distributed parts: the asynchronous center all-reduce, and iBOT's in-place
         # all-reduce of the masked-patch count (dinov2's side effect, kept).
         dino = DINOLoss(37)
@@ -129,6 +133,10 @@ def test_two_gloo_ranks_sinkhorn_equals_the_concatenated_batch_and_centers_all_r
         got = torch.cat([result[(backend, 0)], result[(backend, 1)]]).double()
         torch.testing.assert_close(
             got, expected, rtol=RTOL_FP32, atol=ATOL_TINY, msg=lambda m, b=backend: f"{b}: {m}"
+        )
+        assert result[(backend, "empty", 0)].shape == (0, 37)
+        torch.testing.assert_close(
+            result[(backend, "empty", 1)].double(), expected, rtol=RTOL_FP32, atol=ATOL_TINY
         )
         # Without the all-reduce a rank's share is normalized on its own: visibly different.
         alone = sinkhorn_knopp(
