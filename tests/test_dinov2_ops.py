@@ -58,6 +58,16 @@ def test_sinkhorn_matches_dinov2_fp32(backend, rows, K, n_iterations):
     torch.testing.assert_close(got.cpu().double(), expected, rtol=RTOL_FP32, atol=ATOL_TINY)
 
 
+def test_sinkhorn_spec_is_dinov2():
+    # dino_fast.ops.reference's closed form (scalings r, c on column-shifted exponentials) is the
+    # spec the passes implement: in fp64 it equals dinov2's normalizations up to summation order.
+    t = teacher_logits(11, 50, scale=3.0, seed=11)
+    for n_iterations in (1, 3, 5):
+        expected = dinov2_sinkhorn_knopp(t, 0.05, n_iterations)
+        got = reference.reference_sinkhorn_knopp(t, 0.05, n_iterations)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sinkhorn_fp64_is_exact(backend):
     t = teacher_logits(6, 45, seed=1)
