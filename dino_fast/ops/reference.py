@@ -110,3 +110,76 @@ def reference_ema_update_(
         dtype = _compute_dtype(teacher)
         m = momentum.to(dtype) if isinstance(momentum, Tensor) else momentum
         teacher.copy_(teacher.to(dtype) * m + student.detach().to(dtype) * (1 - m))
+
+
+# --- DINOv2-family ops (dino_fast.ops.sinkhorn, .cross_entropy, .koleo) ---------------------------
+
+
+def sinkhorn_scalings(exp_logits: Tensor, n_iterations: int) -> tuple[Tensor, Tensor]:
+    """The row and column scalings (r (K,), c (B,)) that Sinkhorn-Knopp puts on E (B, K), one process.
+
+    dinov2 normalizes Q = E^T to total mass 1, then alternates: each prototype's row to 1/K, each
+    sample's column to 1/B. Every step only rescales whole rows or columns, so
+    Q = diag(r) E^T diag(c) / B, with r_k = 1 / (K sum_b E_bk c_b) and c_b = 1 / (sum_k E_bk r_k) from
+    the previous c (starting at 1; the first normalization is a global factor the first row step
+    cancels). Returned as (r, c); the assignment is E_bk r_k c_b.
+    """
+    rows, K = exp_logits.shape
+    c = exp_logits.new_ones(rows)
+    r = exp_logits.new_ones(K)
+    for _ in range(n_iterations):
+        r = 1.0 / (K * (exp_logits * c[:, None]).sum(dim=0))
+        c = 1.0 / (exp_logits * r[None, :]).sum(dim=1)
+    return r, c
+
+
+def reference_sinkhorn_knopp(teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+    """dinov2's ``sinkhorn_knopp_teacher`` on one process, (B, K) -> (B, K) assignments (rows sum to 1).
+
+    Computed from E = exp(t / tau - m_k), m_k the column max: scaling a prototype's column cancels in
+    the first row normalization, so this equals dinov2 wherever dinov2's exp(t / tau) is finite, and
+    stays finite where that overflows. fp32 (fp64 for fp64 input), as dinov2 returns fp32.
+    """
+    if n_iterations < 1:
+        raise ValueError(f"n_iterations must be >= 1, got {n_iterations}")
+    logits = teacher_output.detach().to(_compute_dtype(teacher_output)) / teacher_temp
+    exp_logits = torch.exp(logits - logits.amax(dim=0, keepdim=True))
+    r, c = sinkhorn_scalings(exp_logits, n_iterations)
+    return exp_logits * r[None, :] * c[:, None]
+
+
+def reference_weighted_cross_entropy(
+    student: Tensor, target: Tensor, weights: Tensor, *, student_temp: float
+) -> Tensor:
+    """sum_r w_r * ( -sum_k q_{r mod T, k} log_softmax(s_r / tau_s)_k ) over the R student rows, where
+    the target q has T rows and R is a multiple of T; differentiable in ``student``."""
+    dtype = _compute_dtype(student, target, weights)
+    repeats = student.shape[0] // target.shape[0]
+    q = target.detach().to(dtype).repeat(repeats, 1)
+    log_p = torch.log_softmax(student.to(dtype) / student_temp, dim=-1)
+    return -(weights.detach().to(dtype) * (q * log_p).sum(dim=-1)).sum()
+
+
+def reference_weighted_cross_entropy_grad(
+    student: Tensor, target: Tensor, weights: Tensor, *, student_temp: float
+) -> Tensor:
+    """Closed form of d(loss)/d(student): w_r / tau_s * (sum_k q_rk * p_r - q_r), p_r = softmax(s_r / tau_s)
+    (the target rows need not sum to 1: a Sinkhorn assignment sums to 1 only up to rounding)."""
+    dtype = _compute_dtype(student, target, weights)
+    repeats = student.shape[0] // target.shape[0]
+    q = target.detach().to(dtype).repeat(repeats, 1)
+    p = torch.softmax(student.detach().to(dtype) / student_temp, dim=-1)
+    w = weights.detach().to(dtype)[:, None] / student_temp
+    return w * (q.sum(dim=-1, keepdim=True) * p - q)
+
+
+def reference_koleo_loss(student_output: Tensor, eps: float = 1e-8, pdist_eps: float = 1e-8) -> Tensor:
+    """KoLeo: -mean_i log(|| x_i - x_nn(i) + pdist_eps || + eps) on L2-normalized rows x, where nn(i) is the
+    row of largest dot product with x_i other than i (dinov2's ``KoLeoLoss``). fp32 (fp64 for fp64)."""
+    x = torch.nn.functional.normalize(student_output.to(_compute_dtype(student_output)), p=2, dim=-1, eps=eps)
+    with torch.no_grad():
+        dots = x @ x.t()
+        dots.fill_diagonal_(-1)
+        neighbour = dots.argmax(dim=1)
+    distances = torch.nn.functional.pairwise_distance(x, x[neighbour], p=2, eps=pdist_eps)
+    return -torch.log(distances + eps).mean()
