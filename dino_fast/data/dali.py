@@ -48,11 +48,11 @@ import numpy as np
 import torch
 
 from dino_fast.data import pil_ops
-from dino_fast.data.affine_color import LUMA_WEIGHTS, color_transforms
-from dino_fast.data.augment import MultiCropAugmentation, ViewParams, ViewSpec, sample_view_params
+from dino_fast.data.affine_color import LUMA_WEIGHTS
+from dino_fast.data.augment import MultiCropAugmentation, ViewParams, sample_view_params
 from dino_fast.data.batch import FolderMultiCropLoader, MultiCropBatch, log_skipped
+from dino_fast.data.dali_inputs import COLOR_INPUT_NDIMS, StepPlan, group_inputs
 from dino_fast.data.folders import UnusableImageError, inspect_image
-from dino_fast.data.pil_ops import box_blur_taps, hue_shift_levels
 from dino_fast.optional import require
 
 logger = logging.getLogger("dino_fast.data")
@@ -65,47 +65,6 @@ def _import_dali():
     pipeline = require("nvidia.dali.pipeline", needed_for)
     plugin = require("nvidia.dali.plugin.pytorch", needed_for)
     return fn, types, pipeline.Pipeline, plugin.feed_ndarray
-
-
-# The color inputs of a group of F views, by ``color_ops``: the rank of each array. Per frame
-# values have shape (F, 1, 1) to broadcast over the group's (F, H, W) channel planes.
-# "pil": 3 x (6, F, 1, 1) enhance slots, the hue shift and switch, the grayscale switch;
-# "affine": the color matrix (3, 3, F, 1, 1), the gray-mean coefficient, the truncation offset.
-_COLOR_NDIMS = {"pil": [4, 4, 4, 3, 3, 3], "affine": [5, 3, 3]}
-
-
-def jitter_slots(p: ViewParams) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ColorJitter's brightness, contrast and saturation steps placed in the graph's six
-    enhance slots: slots 0-2 run before the hue step, 3-5 after it.
-
-    The step at position k of ``p.order`` goes to slot k if it comes before hue, k + 2 if after,
-    so the drawn order is kept; unused slots get alpha = 1 (unchanged). Returns ``alpha``
-    (the factor), ``contrast`` and ``saturation`` (0/1, which degenerate image), each (n, 6) float32.
-    """
-    n = len(p.order)
-    position = np.arange(4)[None, :]
-    hue_at = np.argmax(p.order == 3, axis=1)[:, None]
-    slot = np.where(position < hue_at, position, position + 2)
-    used = (p.order != 3) & p.jitter[:, None]
-    rows = np.broadcast_to(np.arange(n)[:, None], (n, 4))[used]
-    op = p.order[used]
-    factors = np.stack([p.brightness, p.contrast, p.saturation], axis=1)
-    alpha = np.ones((n, 6), dtype=np.float32)
-    contrast = np.zeros((n, 6), dtype=np.float32)
-    saturation = np.zeros((n, 6), dtype=np.float32)
-    alpha[rows, slot[used]] = factors[rows, op]
-    contrast[rows, slot[used]] = op == 1
-    saturation[rows, slot[used]] = op == 2
-    return alpha, contrast, saturation
-
-
-@dataclass(frozen=True)
-class StepPlan:
-    """What the pipeline is fed for one step: dataset indices, files, and per-view parameters."""
-
-    indices: np.ndarray
-    paths: list[str]
-    views: list[ViewParams]
 
 
 def _default_threads(device: torch.device) -> int:
@@ -144,8 +103,8 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
         hw_decoder_load: float = 0.65,
         color_ops: str = "pil",
     ) -> None:
-        if color_ops not in _COLOR_NDIMS:
-            raise ValueError(f"color_ops must be one of {', '.join(_COLOR_NDIMS)}, got {color_ops!r}")
+        if color_ops not in COLOR_INPUT_NDIMS:
+            raise ValueError(f"color_ops must be one of {', '.join(COLOR_INPUT_NDIMS)}, got {color_ops!r}")
         self._fn, self._types, self._Pipeline, self._feed_ndarray = _import_dali()
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError(
@@ -218,39 +177,13 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                 p.flip.astype(np.int32),
             ]
         for group in self._groups:
-            inputs += self._group_inputs([params[v] for v in group], [self._views[v] for v in group])
-        return tuple(inputs)
-
-    def _group_inputs(self, params: list[ViewParams], views: list[ViewSpec]) -> list[np.ndarray]:
-        """The color, blur and solarization inputs of one group of views, frames on axis 1."""
-
-        def frames(arrays: list[np.ndarray], axis: int = 1) -> np.ndarray:
-            return np.stack(arrays, axis=axis).astype(np.float32)[..., None, None]
-
-        if self.color_ops == "affine":
-            transforms = [
-                color_transforms(p.brightness, p.contrast, p.saturation, p.hue, p.grayscale) for p in params
-            ]
-            color = [
-                frames([m for m, _, _ in transforms], axis=3),
-                frames([k for _, k, _ in transforms]),
-                frames([t for _, _, t in transforms]),
-            ]
-        else:
-            slots = [jitter_slots(p) for p in params]
-            color = [frames([s[i] for s in slots], axis=2) for i in range(3)]
-            color += [
-                frames([hue_shift_levels(p.hue) for p in params]),
-                frames([p.jitter for p in params]),
-                frames([p.grayscale for p in params]),
-            ]
-        taps = np.stack([box_blur_taps(p.sigma, p.blur, self.augment.blur_sigma[1]) for p in params], axis=1)
-        inputs = [*color, taps[:, :, None, :], np.ascontiguousarray(taps[:, :, :, None])]
-        if any(v.solarize_p > 0 for v in views):
-            inputs.append(
-                np.stack([p.solarize for p in params], axis=1).astype(np.uint8)[:, :, None, None, None]
+            inputs += group_inputs(
+                [params[v] for v in group],
+                [self._views[v] for v in group],
+                self.color_ops,
+                self.augment.blur_sigma[1],
             )
-        return inputs
+        return tuple(inputs)
 
     def _source(self) -> tuple:
         feed = self._feed
@@ -264,7 +197,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
     def _group_input_count(self, group: list[int]) -> int:
         # The color inputs, the box blur's row and column taps, the solarization switch.
         solarize = any(self._views[v].solarize_p > 0 for v in group)
-        return len(_COLOR_NDIMS[self.color_ops]) + 2 + solarize
+        return len(COLOR_INPUT_NDIMS[self.color_ops]) + 2 + solarize
 
     def _num_inputs(self) -> int:
         return 1 + 3 * len(self._views) + sum(self._group_input_count(g) for g in self._groups)
@@ -286,7 +219,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
             dtypes += [types.FLOAT, types.FLOAT, types.INT32]
             ndims += [1, 1, 0]
         for group in self._groups:
-            color = _COLOR_NDIMS[self.color_ops]
+            color = COLOR_INPUT_NDIMS[self.color_ops]
             dtypes += [types.FLOAT] * (len(color) + 2)
             ndims += [*color, 3, 3]
             if self._group_input_count(group) > len(color) + 2:
@@ -327,7 +260,7 @@ class DALIMultiCropLoader(FolderMultiCropLoader):
                 count = self._group_input_count(group)
                 group_inputs = inputs[pos : pos + count]
                 pos += count
-                n_color = len(_COLOR_NDIMS[self.color_ops])
+                n_color = len(COLOR_INPUT_NDIMS[self.color_ops])
                 color_args = [self._on_device(x) for x in group_inputs[:n_color]]
                 taps_row, taps_col = (fn.per_frame(t) for t in group_inputs[n_color : n_color + 2])
                 crops = [

@@ -22,7 +22,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from dino_fast.data import MultiCropAugmentation, make_loader, pil_ops
 from dino_fast.data.augment import ViewParams
-from dino_fast.data.dali import jitter_slots
+from dino_fast.data.dali_inputs import jitter_slots
 from dino_fast.data.torchvision_pipeline import replay_view
 from tests.helpers.images import denormalize
 from tests.helpers.photos import photo_folder, photo_paths
