@@ -7,13 +7,18 @@ backend, on the same inputs in one run.
 
 ``run(device, *, full) -> list[dict]`` follows benchmarks/kernels.py's suite contract (one row per
 (op, shape, implementation): median_ms, p10/p90, peak_extra_mib, vs_dinov2 = the speed ratio to
-dinov2's eager code in the same run), so adding ``"dinov2": "bench_dinov2"`` to kernels.py's SUITES
-runs it there. Memory: on CUDA the allocator's peak beyond what was allocated before the call; on a
+dinov2's eager code in the same run), so kernels.py's SUITES runs it as
+``--suites dinov2``. Memory: on CUDA the allocator's peak beyond what was allocated before the call; on a
 CPU the peak of the tensors the call allocates, from the profiler's memory records (the gradient
 included). Triton is timed on CUDA only.
 """
 
 from __future__ import annotations
+
+if not __package__:  # `python benchmarks/bench_dinov2.py`: rerun as `python -m benchmarks.bench_dinov2`
+    from as_module import rerun_as_module
+
+    rerun_as_module(__file__)
 
 import argparse
 import gc
@@ -23,10 +28,10 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from timing import environment, measure, write_json
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.timing import environment, measure, write_json
 from dino_fast.ops.backends import available_backends
 from dino_fast.ops.cross_entropy import weighted_cross_entropy
 from dino_fast.ops.sinkhorn import sinkhorn_knopp

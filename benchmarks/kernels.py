@@ -31,6 +31,7 @@ SUITES = {
     "ema": "benchmarks.bench_ema",
     "clip": "benchmarks.bench_clip",
     "vit": "benchmarks.bench_vit",
+    "dinov2": "benchmarks.bench_dinov2",
 }
 
 

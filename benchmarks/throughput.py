@@ -38,6 +38,7 @@ from benchmarks.end_to_end.official_step import ModelSpec, official_state_dict
 from benchmarks.end_to_end.timed_run import run_variant
 from benchmarks.end_to_end.variants import DEFAULT_VARIANTS, VARIANTS
 from benchmarks.timing import environment, write_json
+from dino_fast.errors import run_command
 from dino_fast.models import ARCHS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -294,5 +295,13 @@ def _add_ratios(results: list[dict[str, Any]]) -> None:
             r["ratio_vs_official"] = r["images_per_s"] / official["images_per_s"]
 
 
+def command(argv: list[str] | None = None) -> int:
+    """The exit status: 1 when a variant failed its check (a result, reported in the table) or a
+    bad flag or path ended the run in one line (dino_fast.errors.run_command)."""
+    payload: dict[str, Any] = {}
+    status = run_command(lambda args: payload.update(main(args)), argv)
+    return status or (0 if payload["all_ok"] else 1)
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main()["all_ok"] else 1)
+    sys.exit(command())

@@ -107,7 +107,7 @@ def test_run1_dry_run_writes_every_result(tmp_path: Path) -> None:
     assert ET.parse(tmp_path / "gpu_tests.xml").getroot() is not None
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert kernels["rows"] and not [r for r in kernels["rows"] if "error" in r]
-    assert {r["suite"] for r in kernels["rows"]} == {"dino_loss", "ema", "clip", "vit"}
+    assert {r["suite"] for r in kernels["rows"]} == {"dino_loss", "ema", "clip", "vit", "dinov2"}
     b128 = json.loads((tmp_path / "throughput_b128.json").read_text())
     assert b128["complete"] and b128["variants_requested"] == ["dino_fast"]
     assert [(v["name"], v["status"]) for v in b128["variants"]] == [("dino_fast", "ok")]
