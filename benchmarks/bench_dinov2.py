@@ -27,45 +27,16 @@ import traceback
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.timing import environment, measure, write_json
+from dino_fast.official.dinov2 import dinov2_dino_loss, dinov2_ibot_forward_masked, dinov2_sinkhorn_knopp
 from dino_fast.ops.backends import available_backends
 from dino_fast.ops.cross_entropy import weighted_cross_entropy
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
 
 TEACHER_TEMP = 0.07
 STUDENT_TEMP = 0.1
-
-
-def dinov2_sinkhorn(teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
-    """dinov2's DINOLoss.sinkhorn_knopp_teacher on one process."""
-    Q = torch.exp(teacher_output.float() / teacher_temp).t()
-    B, K = Q.shape[1], Q.shape[0]
-    Q /= torch.sum(Q)
-    for _ in range(n_iterations):
-        Q /= torch.sum(Q, dim=1, keepdim=True)
-        Q /= K
-        Q /= torch.sum(Q, dim=0, keepdim=True)
-        Q /= B
-    Q *= B
-    return Q.t()
-
-
-def dinov2_dino_loss(students: list[Tensor], targets: list[Tensor]) -> Tensor:
-    total = 0
-    for s in students:
-        lsm = F.log_softmax(s / STUDENT_TEMP, dim=-1)
-        for t in targets:
-            total -= torch.sum(t * lsm, dim=-1).mean()
-    return total
-
-
-def dinov2_ibot_masked(student: Tensor, target: Tensor, weights: Tensor, n_images: int) -> Tensor:
-    loss = torch.sum(target * F.log_softmax(student.float() / STUDENT_TEMP, dim=-1), dim=-1)
-    return -(loss * weights).sum() / n_images
 
 
 def cpu_peak_extra_mib(fn: Callable[[], object]) -> float:
@@ -98,7 +69,9 @@ def _backends(device: torch.device) -> list[str]:
 def _sinkhorn_rows(device: torch.device, rows: int, K: int, dtype: torch.dtype) -> list[dict]:
     teacher = torch.randn(rows, K, device=device, dtype=dtype)
     shape = f"sinkhorn B={rows} K={K} {str(dtype).removeprefix('torch.')}"
-    impls: dict[str, Callable[[], object]] = {"dinov2 eager": lambda: dinov2_sinkhorn(teacher, TEACHER_TEMP)}
+    impls: dict[str, Callable[[], object]] = {
+        "dinov2 eager": lambda: dinov2_sinkhorn_knopp(teacher.float(), TEACHER_TEMP)
+    }
     for backend in _backends(device):
         impls[f"dino_fast {backend}"] = lambda b=backend: sinkhorn_knopp(teacher, TEACHER_TEMP, backend=b)
     return [{"impl": name, "shape": shape} | _time(fn, device) for name, fn in impls.items()]
@@ -110,7 +83,7 @@ def _dino_rows(device: torch.device, crops: int, batch: int, K: int, dtype: torc
     shape = f"dino fwd+bwd {crops}x{batch} K={K} {str(dtype).removeprefix('torch.')}"
 
     def eager():
-        dinov2_dino_loss(students, targets).backward()
+        dinov2_dino_loss(students, targets, STUDENT_TEMP).backward()
 
     def fused(backend: str):
         target = targets[0] + targets[1]  # what dino_fast.dinov2.DINOLoss.forward does for two targets
@@ -131,10 +104,16 @@ def _ibot_rows(device: torch.device, masked: int, n_images: int, K: int, dtype: 
     student = torch.randn(masked, K, device=device, dtype=dtype).requires_grad_()
     target = torch.softmax(torch.randn(masked, K, device=device) / TEACHER_TEMP, -1)
     weights = torch.rand(masked, device=device) / 50
+    # With masks_weight given, dinov2 reads only the masks' row count (the number of images).
+    masks = torch.zeros(n_images, 0, dtype=torch.bool, device=device)
     shape = f"ibot masked fwd+bwd M={masked} K={K} {str(dtype).removeprefix('torch.')}"
-    impls: dict[str, Callable[[], object]] = {
-        "dinov2 eager": lambda: dinov2_ibot_masked(student, target, weights, n_images).backward()
-    }
+
+    def dinov2_eager() -> None:
+        dinov2_ibot_forward_masked(
+            student.float(), target, masks, STUDENT_TEMP, masks_weight=weights
+        ).backward()
+
+    impls: dict[str, Callable[[], object]] = {"dinov2 eager": dinov2_eager}
     for backend in _backends(device):
         impls[f"dino_fast {backend}"] = lambda b=backend: (
             weighted_cross_entropy(student, target, weights / n_images, student_temp=STUDENT_TEMP, backend=b)

@@ -1,5 +1,5 @@
 """dino_fast.dinov2's DINOLoss, iBOTPatchLoss and KoLeoLoss against dinov2's formulas
-(tests/helpers/dinov2_formulas.py): losses, gradients, teacher targets and the center update, with a
+(dino_fast/official/dinov2.py): losses, gradients, teacher targets and the center update, with a
 sample of B = 1, an image with no masked patch and truncated masked rows.
 
 fp32 modules against fp64 formulas on the same fp32-rounded inputs: 1e-5 relative (the issue's
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dino_fast.dinov2 import DINOLoss, KoLeoLoss, iBOTPatchLoss
-from tests.helpers.dinov2_formulas import (
+from dino_fast.official.dinov2 import (
     dinov2_center_step,
     dinov2_dino_loss,
     dinov2_ibot_forward,

@@ -1,5 +1,5 @@
 """The DINOv2-family ops (dino_fast.ops.sinkhorn, .cross_entropy, .koleo) against float64
-transcriptions of dinov2's formulas (tests/helpers/dinov2_formulas.py), on every backend that has them.
+transcriptions of dinov2's formulas (dino_fast/official/dinov2.py), on every backend that has them.
 
 Triton runs under the interpreter on CPU (tests/conftest.py), so its shapes stay small; the block
 sizes are forced small so that K = 300 spans several column chunks and several row blocks.
@@ -15,12 +15,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dino_fast.dinov2 import DINOLoss, iBOTPatchLoss
+from dino_fast.official.dinov2 import dinov2_koleo, dinov2_sinkhorn_knopp
 from dino_fast.ops import backends, reference
 from dino_fast.ops.backends import BackendUnavailableError
 from dino_fast.ops.cross_entropy import weighted_cross_entropy, weighted_cross_entropy_with_stats
 from dino_fast.ops.koleo import koleo_loss
 from dino_fast.ops.sinkhorn import sinkhorn_knopp
-from tests.helpers.dinov2_formulas import dinov2_koleo, dinov2_sinkhorn_knopp
 
 BACKENDS = ["torch", "native", "triton"]
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -1,6 +1,7 @@
-"""float64 transcriptions of dinov2's loss formulas (dinov2/loss/*.py), in dinov2's own form
-(materialized Q = exp(t / tau)^T, in-place normalizations, explicit loops), so that dino_fast's
-streaming ops and modules are checked against something written independently of them.
+"""dinov2's loss formulas (dinov2/loss/*.py) transcribed in dinov2's own form (materialized
+Q = exp(t / tau)^T, in-place normalizations, explicit loops): the tests' reference for
+dino_fast's streaming ops and drop-in modules, run in float64, and the eager baseline the
+benchmarks time. Inputs keep their dtype (dinov2 casts the teacher to fp32 first; callers do).
 Single process: the all-reduces are identities, the world size 1."""
 
 from __future__ import annotations
