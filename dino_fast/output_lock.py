@@ -1,14 +1,17 @@
 """One run per output folder: an advisory lock that names the process holding it.
 
 Two runs writing the same ``--output_dir`` would interleave their logs and overwrite each
-other's checkpoints. The first run holds an exclusive ``flock`` on ``.dino_fast.lock`` in
-the folder for its whole life; the kernel drops it when the process ends, however it ends,
-so a killed run never leaves the folder locked. The lock file's text says who holds it.
+other's checkpoints. The first run holds an exclusive POSIX record lock (``lockf``) on
+``.dino_fast.lock`` in the folder for its whole life; the kernel drops it when the process
+ends, however it ends, so a killed run never leaves the folder locked. Unlike ``flock``, the
+lock is not shared with forked children (DataLoader workers), which may outlive the run.
+The lock file's text says who holds it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import socket
@@ -38,8 +41,10 @@ def exclusive_output_dir(directory: str | os.PathLike[str], flag: str = "--outpu
         ) from err
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "a process that did not say"
             raise OutputDirError(
                 f"{flag} {directory} is in use by another run ({holder}): wait for it to end, stop it, "

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,27 @@ def test_a_file_where_the_folder_should_be_is_one_error(tmp_path: Path) -> None:
     (tmp_path / "run").write_text("not a folder")
     with pytest.raises(OutputDirError, match=r"cannot write to --output_dir .*run"):
         _claim(tmp_path / "run")
+
+
+def test_children_forked_during_the_run_do_not_keep_the_folder_locked(tmp_path: Path) -> None:
+    with exclusive_output_dir(tmp_path / "run"):
+        child = os.fork()  # like a DataLoader worker that outlives the run
+        if child == 0:
+            time.sleep(30)
+            os._exit(0)
+    try:
+        probe = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                f"from dino_fast.output_lock import exclusive_output_dir\n"
+                f"with exclusive_output_dir({str(tmp_path / 'run')!r}): pass",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert probe.returncode == 0, probe.stderr
+    finally:
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)

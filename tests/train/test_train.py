@@ -456,14 +456,28 @@ def test_resuming_with_other_model_flags_names_each_flag_and_both_values(tmp_pat
 
 
 def test_a_second_run_on_a_busy_output_dir_is_refused_in_one_line(tmp_path, capsys):
-    from dino_fast.output_lock import exclusive_output_dir
-
     out = tmp_path / "run"
     argv = ["--preset", "smoke", "--data", "synthetic", "--device", "cpu", "--output_dir", str(out)]
-    with exclusive_output_dir(out):  # another run holds the folder
+    holder = subprocess.Popen(  # another run holds the folder
+        [sys.executable, "-c", HOLD_OUTPUT_DIR, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
         assert main([*argv, "--max_steps", "1"]) == 1
-    assert f"in use by another run (pid {os.getpid()} on" in _one_error_line(capsys)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"in use by another run (pid {holder.pid} on" in _one_error_line(capsys)
     assert not (out / "checkpoint.pth").exists()
+
+
+HOLD_OUTPUT_DIR = """
+import sys, time
+from dino_fast.output_lock import exclusive_output_dir
+with exclusive_output_dir(sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
 
 
 def test_stale_temporaries_of_a_killed_write_are_removed_at_start(tmp_path, caplog):
