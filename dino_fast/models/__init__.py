@@ -1,4 +1,5 @@
-"""DINO models with official parameter names: ViTs, the projection head, the multi-crop forward.
+"""DINO models with official parameter names: ViTs, torchvision ResNets, the projection head, the
+multi-crop forward.
 
     backbone = dino_fast.models.vit_small(patch_size=16, drop_path_rate=0.1)
     student = dino_fast.models.DINOModel(backbone, dino_fast.models.DINOHead(backbone.embed_dim, 65536))
@@ -8,8 +9,11 @@ Official DINO checkpoints load with ``load_state_dict(strict=True)`` (backbone k
 official ``vision_transformer.py``; head keys including ``last_layer.weight_g/weight_v``).
 """
 
+from dino_fast.models.backbones import BACKBONE_ARCHS, build_backbone, is_convnet
 from dino_fast.models.head import DINOHead, WeightNormLinear
 from dino_fast.models.multicrop import DINOModel, multicrop_forward
+from dino_fast.models.resnet import RESNET_ARCHS, resnet
+from dino_fast.models.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
 from dino_fast.models.vit import (
     ARCHS,
     Attention,
@@ -24,14 +28,21 @@ from dino_fast.models.vit import (
 
 __all__ = [
     "ARCHS",
+    "BACKBONE_ARCHS",
+    "RESNET_ARCHS",
     "Attention",
     "Block",
     "DINOHead",
     "DINOModel",
     "PatchEmbed",
+    "SyncBatchNorm",
     "VisionTransformer",
     "WeightNormLinear",
+    "build_backbone",
+    "convert_sync_batchnorm",
+    "is_convnet",
     "multicrop_forward",
+    "resnet",
     "vit_base",
     "vit_large",
     "vit_small",

@@ -17,12 +17,15 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torchvision import models as torchvision_models
 
 from dino_fast.official import vision_transformer as vits
 from dino_fast.official.loss import DINOLoss
 
 __all__ = [
+    "LARS",
     "OfficialArgs",
+    "build_optimizer",
     "build_student_teacher",
     "cancel_gradients_last_layer",
     "clip_gradients",
@@ -44,6 +47,7 @@ class OfficialArgs(Protocol):
     out_dim: int
     use_bn_in_head: bool
     norm_last_layer: bool
+    optimizer: str
     clip_grad: float
     freeze_last_layer: int
 
@@ -100,6 +104,62 @@ def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer:
             p.grad = None
 
 
+class LARS(torch.optim.Optimizer):
+    """``utils.LARS``: SGD with momentum, each multi-dimensional parameter's update rescaled by
+    ``eta * |p| / |dp|`` (biases and norms get neither weight decay nor the adaptation)."""
+
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 0,
+        weight_decay: float = 0,
+        momentum: float = 0.9,
+        eta: float = 0.001,
+        weight_decay_filter: Any = None,
+        lars_adaptation_filter: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            eta=eta,
+            weight_decay_filter=weight_decay_filter,
+            lars_adaptation_filter=lars_adaptation_filter,
+        )
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for g in self.param_groups:
+            for p in g["params"]:
+                dp = p.grad
+
+                if dp is None:
+                    continue
+
+                if p.ndim != 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+
+                if p.ndim != 1:
+                    param_norm = torch.norm(p)
+                    update_norm = torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(
+                        param_norm > 0.0,
+                        torch.where(update_norm > 0, (g["eta"] * param_norm / update_norm), one),
+                        one,
+                    )
+                    dp = dp.mul(q)
+
+                param_state = self.state[p]
+                if "mu" not in param_state:
+                    param_state["mu"] = torch.zeros_like(p)
+                mu = param_state["mu"]
+                mu.mul_(g["momentum"]).add_(dp)
+
+                p.add_(mu, alpha=-g["lr"])
+
+
 def cosine_scheduler(
     base_value: float,
     final_value: float,
@@ -134,9 +194,16 @@ def cosine_scheduler(
 def build_student_teacher(args: OfficialArgs) -> tuple[nn.Module, nn.Module]:
     """``train_dino``'s student and teacher, built in its order. Call it after
     ``fix_random_seeds(args.seed)`` for the official initial weights."""
-    student = getattr(vits, args.arch)(patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
-    teacher = getattr(vits, args.arch)(patch_size=args.patch_size)
-    embed_dim = student.embed_dim
+    if args.arch in vits.__dict__:
+        student = vits.__dict__[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
+        teacher = vits.__dict__[args.arch](patch_size=args.patch_size)
+        embed_dim = student.embed_dim
+    elif args.arch in torchvision_models.__dict__:
+        student = torchvision_models.__dict__[args.arch]()
+        teacher = torchvision_models.__dict__[args.arch]()
+        embed_dim = student.fc.weight.shape[1]
+    else:
+        raise ValueError(f"Unknow architecture: {args.arch}")
     student = vits.MultiCropWrapper(
         student,
         vits.DINOHead(
@@ -151,6 +218,17 @@ def build_student_teacher(args: OfficialArgs) -> tuple[nn.Module, nn.Module]:
     for p in teacher.parameters():
         p.requires_grad = False
     return student, teacher
+
+
+def build_optimizer(args: OfficialArgs, params_groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """``train_dino``'s ``--optimizer`` choice over ``get_params_groups(student)``."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params_groups)  # to use with ViTs
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params_groups, lr=0, momentum=0.9)  # lr is set by scheduler
+    if args.optimizer == "lars":
+        return LARS(params_groups)  # to use with convnet and large batches
+    raise ValueError(f"unknown optimizer {args.optimizer}")
 
 
 def train_one_iteration(

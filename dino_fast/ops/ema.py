@@ -366,10 +366,13 @@ class TeacherEMA:
             t_buf = torch.zeros(total, dtype=t_dtype, device=self.device)
             s_buf = torch.zeros(total, dtype=s_dtype, device=self.device) if self.pack_student else None
             for index, offset in zip(indices, offsets, strict=True):
+                # Both views take the teacher's dense layout (a channels_last convolution stays
+                # channels_last), so element i of the two buffers is the same weight.
+                strides = torch.empty_like(self.teacher_params[index]).stride()
                 for param, buf in ((self.teacher_params[index], t_buf), (self.student_params[index], s_buf)):
                     if buf is None:
                         continue
-                    view = buf[offset : offset + param.numel()].view(param.shape)
+                    view = buf[offset : offset + param.numel()].as_strided(param.shape, strides)
                     view.copy_(param.detach())
                     param.data = view
             self.buffers.append((t_buf, s_buf))

@@ -21,7 +21,7 @@ import torch
 
 from dino_fast.data import KINDS as DATA_KINDS
 from dino_fast.errors import UserError
-from dino_fast.models import ARCHS
+from dino_fast.models import BACKBONE_ARCHS
 from dino_fast.models.attention import BACKENDS as ATTENTION_BACKENDS
 from dino_fast.ops.backends import BACKENDS as OP_BACKENDS
 from dino_fast.train.precision import PRECISIONS
@@ -51,7 +51,11 @@ def ours(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 
 @dataclass
 class TrainConfig:
-    arch: str = official("vit_small", "ViT size; deit_* are the official aliases", (*ARCHS, *ARCH_ALIASES))
+    arch: str = official(
+        "vit_small",
+        "ViT size or torchvision ResNet; deit_* are the official aliases",
+        (*BACKBONE_ARCHS, *ARCH_ALIASES),
+    )
     patch_size: int = official(16, "patch side in pixels")
     out_dim: int = official(65536, "output size K of the DINO head")
     norm_last_layer: bool = official(True, "weight-normalize the head's last layer")

@@ -9,10 +9,13 @@ from dino_fast.train.config import TrainConfig
 
 
 def build_backbone(config: TrainConfig, *, drop_path_rate: float) -> nn.Module:
-    """A freshly initialized ``config.arch`` ViT (the official ``vits.__dict__[arch]`` call)."""
-    factory = getattr(models, config.arch)
-    return factory(
-        patch_size=config.patch_size, drop_path_rate=drop_path_rate, attn_backend=config.attn_backend
+    """A freshly initialized ``config.arch``: the official ``vits.__dict__[arch](...)`` or
+    ``torchvision_models.__dict__[arch]()`` call."""
+    return models.build_backbone(
+        config.arch,
+        patch_size=config.patch_size,
+        drop_path_rate=drop_path_rate,
+        attn_backend=config.attn_backend,
     )
 
 

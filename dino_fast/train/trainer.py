@@ -1,10 +1,11 @@
 """The DINO training step: student, teacher, loss, optimizer, EMA and schedules of one run.
 
 The step is the official ``train_one_epoch`` body: teacher on the 2 global crops, student on all
-crops through one multi-crop backbone call, DINOLoss with the epoch's teacher temperature;
-backward, under fp16 the gradients unscaled, each parameter's gradient clipped on its own, the
-head's last layer gradient dropped during the first ``freeze_last_layer`` epochs; AdamW with the
-official parameter groups; the teacher EMA. It never reads a device value on the host: the
+crops through one packed ViT call (a convnet runs once per crop resolution: batch-norm statistics
+cannot mix resolutions), DINOLoss with the epoch's teacher temperature; backward, under fp16 the
+gradients unscaled, each parameter's gradient clipped on its own, the head's last layer gradient
+dropped during the first ``freeze_last_layer`` epochs; AdamW, SGD or LARS with the official
+parameter groups; the teacher EMA. It never reads a device value on the host: the
 learning rate, weight decay and momentum come from schedules precomputed on the host, the clip
 stays on the device, and the loss is returned unread. How it differs from the official step, and
 why, is in the README ("What still differs").
@@ -18,11 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from dino_fast import distributed
+from dino_fast import distributed, models
 from dino_fast.models import attention
 from dino_fast.ops.ema import TeacherEMA
 from dino_fast.ops.loss import DINOLoss
-from dino_fast.train.config import ConfigError, TrainConfig
+from dino_fast.train.config import TrainConfig
 from dino_fast.train.model import build_student_teacher, has_batchnorms
 from dino_fast.train.optim import build_optimizer, clip_gradients_, get_params_groups
 from dino_fast.train.precision import autocast_dtype
@@ -66,16 +67,20 @@ class Trainer:
         teacher.load_state_dict(student.state_dict())
         student.to(self.device)
         teacher.to(self.device)
+        self.channels_last = models.is_convnet(config.arch) and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            # As official: cuDNN times its convolution algorithms once per input shape (a step has
+            # two crop sizes) and keeps the fastest.
+            torch.backends.cudnn.benchmark = True
+            if self.channels_last:
+                # NHWC lets cuDNN's bf16 tensor-core convolutions run without layout transposes.
+                student.to(memory_format=torch.channels_last)
+                teacher.to(memory_format=torch.channels_last)
         with_batchnorms = has_batchnorms(student)
         if with_batchnorms:
-            if world_size > 1 and self.device.type == "cpu":
-                raise ConfigError(
-                    "--use_bn_in_head true with several CPU processes: the official code synchronizes the "
-                    "head's batch norms with SyncBatchNorm, which runs on GPUs only; train on GPUs, in one "
-                    "process, or with --use_bn_in_head false"
-                )
-            student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-            teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+            # As official; ours also synchronizes CPU processes (gloo), which torch's refuses.
+            student = models.convert_sync_batchnorm(student)
+            teacher = models.convert_sync_batchnorm(teacher)
         # The teacher runs under DDP when it has batch norms, as official (DDP broadcasts their
         # statistics from rank 0); it is wrapped while its parameters still require gradients,
         # because DDP refuses a module without any.
@@ -139,6 +144,10 @@ class Trainer:
             if i == 0:  # only the first group is regularized
                 group["weight_decay"] = s.weight_decay
         global_crops, local_crops = batch.global_crops, batch.local_crops
+        if self.channels_last:
+            global_crops = global_crops.contiguous(memory_format=torch.channels_last)
+            if local_crops is not None:
+                local_crops = local_crops.contiguous(memory_format=torch.channels_last)
         with self.autocast():
             with torch.no_grad():
                 teacher_output = self.teacher_ddp(global_crops)  # only the 2 global views
