@@ -21,9 +21,9 @@ from dino_fast.flags import bool_flag
 from dino_fast.train.config import OFFICIAL, OURS, ConfigError, TrainConfig
 
 DESCRIPTION = (
-    "DINO self-supervised ViT training, fast. Accepts every flag of the official main_dino.py under its "
-    "official name; torchrun --nproc_per_node=N -m dino_fast.train runs it on N GPUs. "
-    "Start from --preset vit_small_imagenet, demo or smoke."
+    "DINO self-supervised ViT and ResNet training, fast. Accepts every flag of the official main_dino.py "
+    "under its official name; torchrun --nproc_per_node=N -m dino_fast.train runs it on N GPUs. "
+    "Start from --preset vit_small_imagenet, resnet50_imagenet, demo or smoke."
 )
 
 

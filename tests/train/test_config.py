@@ -36,6 +36,43 @@ def test_official_command_line_runs_unchanged(tmp_path):
     assert cfg.global_crops_scale == (0.4, 1.0)
 
 
+# The official README's ResNet-50 command line (its --data_path and --output_dir aside).
+OFFICIAL_RN50_FLAGS = [
+    "--arch", "resnet50", "--optimizer", "sgd", "--lr", "0.03", "--weight_decay", "1e-4",
+    "--weight_decay_end", "1e-4", "--global_crops_scale", "0.14", "1", "--local_crops_scale", "0.05", "0.14",
+]  # fmt: skip
+
+
+def test_official_rn50_command_line_is_the_resnet50_preset(tmp_path):
+    cfg = parse_args([*OFFICIAL_RN50_FLAGS, "--data_path", str(tmp_path)])
+    preset = TrainConfig.from_preset("resnet50_imagenet", data_path=str(tmp_path))
+    assert dataclasses.replace(cfg, preset="resnet50_imagenet") == preset
+    assert (cfg.arch, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg.weight_decay_end) == (
+        "resnet50",
+        "sgd",
+        0.03,
+        1e-4,
+        1e-4,
+    )
+    assert (cfg.global_crops_scale, cfg.local_crops_scale) == ((0.14, 1.0), (0.05, 0.14))
+    cfg.validate()
+
+
+def test_every_torchvision_resnet_is_an_arch():
+    for arch in (
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "resnext50_32x4d",
+        "wide_resnet50_2",
+    ):
+        assert parse_args(["--arch", arch, "--data", "synthetic"]).arch == arch
+    with pytest.raises(SystemExit):
+        parse_args(["--arch", "resnet51", "--data", "synthetic"])
+
+
 def test_vit_small_imagenet_preset_is_the_papers_recipe():
     c = TrainConfig.from_preset("vit_small_imagenet")
     assert (c.arch, c.patch_size, c.out_dim, c.norm_last_layer) == ("vit_small", 16, 65536, True)
@@ -46,7 +83,7 @@ def test_vit_small_imagenet_preset_is_the_papers_recipe():
     assert c.drop_path_rate == 0.1
 
 
-@pytest.mark.parametrize("name", ["vit_small_imagenet", "demo", "smoke"])
+@pytest.mark.parametrize("name", ["vit_small_imagenet", "resnet50_imagenet", "demo", "smoke"])
 def test_presets_validate(name, tmp_path):
     cfg = TrainConfig.from_preset(name, data="synthetic") if name != "demo" else TrainConfig.from_preset(name)
     cfg.validate()
@@ -116,7 +153,7 @@ def test_bool_flag():
         (["--data", "synthetic", "--local_crops_scale", "0.5", "0.2"], "0 < min <= max <= 1"),
         (["--data", "synthetic", "--warmup_epochs", "200"], "longer than --epochs"),
         (["--data", "synthetic", "--precision", "bf16", "--use_fp16", "true"], "contradicts"),
-        (["--data", "synthetic", "--arch", "resnet50"], "invalid choice"),
+        (["--data", "synthetic", "--arch", "resnet51"], "invalid choice"),
         (["--data", "synthetic", "--global_crops_size", "8"], "smaller than --patch_size"),
         (["--data", "synthetic", "--max_steps", "0"], "--max_steps must be >= 1"),
         (["--data", "synthetic", "--center_momentum", "1.5"], "--center_momentum must be in [0, 1]"),
