@@ -71,7 +71,9 @@ def test_sinkhorn_knopp_loss_and_gradient_equal_dinov2_targets_with_dino_v1_pair
     module = DINOLoss(
         K, ncrops, **TEMPS, student_temp=STUDENT_TEMP, teacher_centering="sinkhorn_knopp", backend=backend
     ).to(device)
-    # A center left by a DINO v1 run (resumed with sinkhorn_knopp): neither read nor updated.
+    # A center left by a DINO v1 run (resumed with sinkhorn_knopp): the centered softmax would differ,
+    # and the center must not move. (Subtracting it before Sinkhorn-Knopp would change nothing: the
+    # first prototype normalization cancels any per-prototype shift.)
     resumed_center = torch.randn(1, K, generator=torch.Generator().manual_seed(1)).to(device)
     module.center = resumed_center.clone()
     rtol = TOLERANCE[dtype]
