@@ -80,7 +80,7 @@ def dino_loss_from_targets(
     q = teacher_targets.detach().reshape(n_global, batch, -1)
     global_students, local_students = student_output.split(
         [n_global * batch, (ncrops - n_global) * batch]
-    )  # one view each: the backward is a single cat of the two gradients
+    )  # split, not two slices: its backward is one cat of the two gradients
     passes = []
     if n_global > 1:
         paired = [sum(q[t] for t in range(n_global) if t != v) for v in range(n_global)]
