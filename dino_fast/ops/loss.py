@@ -13,6 +13,10 @@ so the backward's exponents keep full fp32 precision). Every backward rebuilds b
 from those statistics, so a backward may run on another backend than its forward, and DINOLoss
 takes the center's column sum from the same pass over the teacher rows.
 
+``DINOLoss(teacher_centering="sinkhorn_knopp")`` takes DINOv2's teacher targets instead: Sinkhorn-Knopp
+(dino_fast.ops.sinkhorn) at the epoch's teacher temperature, with the same student side
+(dino_fast.ops.target_loss); no center is used or updated.
+
 The op is a ``torch.library.custom_op`` with a fake implementation and an autograd formula, so
 ``torch.compile(fullgraph=True)`` traces through it. The backend is resolved inside the op (at run
 time), where the ``DINO_FAST_BACKEND`` variable is read as well.
@@ -28,12 +32,24 @@ from torch import Tensor, nn
 
 from dino_fast.ops.backends import select_backend
 from dino_fast.ops.reference import center_update, reference_dino_loss, reference_dino_loss_grad
+from dino_fast.ops.sinkhorn import sinkhorn_knopp
+from dino_fast.ops.target_loss import dino_loss_from_targets, validate_multicrop_shapes
 
-__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_stats", "teacher_temp_schedule", "validate_inputs"]
+__all__ = [
+    "TEACHER_CENTERINGS",
+    "DINOLoss",
+    "dino_loss",
+    "dino_loss_with_stats",
+    "teacher_temp_schedule",
+    "validate_inputs",
+]
 
 NATIVE_FORWARD_OP = "dino_loss_fwd"
 NATIVE_BACKWARD_OP = "dino_loss_bwd"
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# How DINOLoss turns teacher outputs into targets: DINO v1's EMA center, or DINOv2's Sinkhorn-Knopp.
+TEACHER_CENTERINGS = ("center", "sinkhorn_knopp")
+SINKHORN_ITERATIONS = 3  # dinov2's sinkhorn_knopp_teacher default, which its train loop uses
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,33 +68,10 @@ def validate_inputs(
 ) -> None:
     """Raise a ValueError/TypeError naming the problem and the fix; returns None when the inputs
     form a valid crop-major DINO batch."""
-    if not isinstance(student_output, Tensor) or not isinstance(teacher_output, Tensor):
-        raise TypeError("student_output and teacher_output must be torch.Tensors")
+    validate_multicrop_shapes(student_output, teacher_output, ncrops=ncrops, n_global=n_global)
     if not isinstance(center, Tensor):
         raise TypeError(f"center must be a torch.Tensor of shape (1, K), got {type(center).__name__}")
-    if student_output.dim() != 2 or teacher_output.dim() != 2:
-        raise ValueError(
-            "student_output and teacher_output must be 2-D (rows, K) head outputs; got shapes "
-            f"{tuple(student_output.shape)} and {tuple(teacher_output.shape)}"
-        )
-    if ncrops < 2:
-        raise ValueError(f"ncrops must be >= 2 (each teacher view needs another student view), got {ncrops}")
-    if not 1 <= n_global <= ncrops:
-        raise ValueError(f"n_global must be in [1, ncrops={ncrops}], got {n_global}")
-    rows, dim = student_output.shape
-    if rows == 0 or rows % ncrops:
-        raise ValueError(
-            f"student_output has {rows} rows, not a positive multiple of ncrops={ncrops}: it must be "
-            "crop-major (ncrops * B, K), all B samples of crop 0 first"
-        )
-    batch = rows // ncrops
-    if teacher_output.shape[1] != dim:
-        raise ValueError(f"teacher_output has K={teacher_output.shape[1]} columns, student_output K={dim}")
-    if teacher_output.shape[0] != n_global * batch:
-        raise ValueError(
-            f"teacher_output has {teacher_output.shape[0]} rows; with B={batch} samples (student rows "
-            f"{rows} / ncrops {ncrops}) it needs n_global * B = {n_global * batch}"
-        )
+    dim = student_output.shape[1]
     if center.numel() != dim or center.dim() > 2 or (center.dim() == 2 and center.shape[0] != 1):
         raise ValueError(f"center must have shape (1, K) or (K,) with K={dim}, got {tuple(center.shape)}")
     if student_output.dtype not in _SUPPORTED_DTYPES:
@@ -331,6 +324,10 @@ class DINOLoss(nn.Module):
     only when the center is next needed: the next forward, reading ``self.center``, ``state_dict``,
     ``load_state_dict``, ``buffers()`` or moving the module. As in the official code the updated
     center is a new tensor (the one the current loss saved for its backward is left untouched).
+
+    ``teacher_centering="sinkhorn_knopp"`` (DINOv2) replaces the centered softmax with Sinkhorn-Knopp
+    targets over all teacher rows (sums all-reduced across ranks); the center buffer stays in the
+    state dict, neither read nor updated, so checkpoints keep one format.
     """
 
     def __init__(
@@ -345,8 +342,15 @@ class DINOLoss(nn.Module):
         center_momentum: float = 0.9,
         *,
         backend: str | None = None,
+        teacher_centering: str = "center",
     ) -> None:
         super().__init__()
+        if teacher_centering not in TEACHER_CENTERINGS:
+            raise ValueError(
+                f"teacher_centering={teacher_centering!r}: use 'center' (DINO v1's EMA center) or "
+                "'sinkhorn_knopp' (DINOv2's Sinkhorn-Knopp targets)"
+            )
+        self.teacher_centering = teacher_centering
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
@@ -368,6 +372,8 @@ class DINOLoss(nn.Module):
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
         teacher_temp = float(self.teacher_temp_schedule[epoch])
+        if self.teacher_centering == "sinkhorn_knopp":
+            return self._sinkhorn_knopp_loss(student_output, teacher_output, teacher_temp)
         loss, _, _, colsum = dino_loss_with_stats(
             student_output,
             teacher_output,
@@ -380,6 +386,26 @@ class DINOLoss(nn.Module):
         )
         self.update_center(colsum, teacher_output.shape[0])
         return loss
+
+    def _sinkhorn_knopp_loss(
+        self, student_output: Tensor, teacher_output: Tensor, teacher_temp: float
+    ) -> Tensor:
+        # As dinov2's train loop: one assignment over both global views' rows, then the pairs.
+        validate_inputs(
+            student_output,
+            teacher_output,
+            self._buffers["center"],
+            ncrops=self.ncrops,
+            n_global=2,
+            teacher_temp=teacher_temp,
+            student_temp=self.student_temp,
+        )
+        targets = sinkhorn_knopp(
+            teacher_output, teacher_temp, n_iterations=SINKHORN_ITERATIONS, backend=self.backend
+        )
+        return dino_loss_from_targets(
+            student_output, targets, ncrops=self.ncrops, student_temp=self.student_temp, backend=self.backend
+        )
 
     @torch.no_grad()
     def update_center(self, teacher_column_sum: Tensor, teacher_rows: int) -> None:
@@ -425,5 +451,5 @@ class DINOLoss(nn.Module):
         return (
             f"out_dim={self._buffers['center'].shape[1]}, ncrops={self.ncrops}, "
             f"student_temp={self.student_temp}, center_momentum={self.center_momentum}, "
-            f"backend={self.backend!r}"
+            f"backend={self.backend!r}, teacher_centering={self.teacher_centering!r}"
         )

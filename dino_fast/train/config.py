@@ -24,6 +24,7 @@ from dino_fast.errors import UserError
 from dino_fast.models import BACKBONE_ARCHS
 from dino_fast.models.attention import BACKENDS as ATTENTION_BACKENDS
 from dino_fast.ops.backends import BACKENDS as OP_BACKENDS
+from dino_fast.ops.loss import TEACHER_CENTERINGS
 from dino_fast.train.precision import PRECISIONS
 from dino_fast.train.presets import PRESETS
 
@@ -103,6 +104,11 @@ class TrainConfig:
     )
     clip_grad_mode: str = ours("per_param", "clip each gradient (official) or their norm", CLIP_GRAD_MODES)
     center_momentum: float = ours(0.9, "momentum of the teacher-output center (DINOLoss's)")
+    teacher_centering: str = ours(
+        "center",
+        "teacher targets: center (DINO v1: softmax of t - EMA center) or sinkhorn_knopp (DINOv2; no center)",
+        TEACHER_CENTERINGS,
+    )
     log_interval: int = ours(10, "steps between log lines and log.jsonl records")
     ckpt_minutes: float = ours(20.0, "also write checkpoint.pth every this many minutes")
     resume: bool = ours(True, "continue from output_dir/checkpoint.pth when it exists")

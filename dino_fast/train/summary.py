@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dino_fast import distributed
+from dino_fast.ops import cross_entropy, sinkhorn
 from dino_fast.ops import loss as loss_op
 from dino_fast.ops.backends import available_backends, select_backend
 from dino_fast.train.config import TrainConfig
@@ -14,13 +15,21 @@ from dino_fast.train.trainer import Trainer
 
 def kernel_choices(config: TrainConfig, trainer: Trainer) -> str:
     """Which implementation runs each fused part, as dino_fast.ops.backends resolves it for this device."""
-    loss_backend = select_backend(
-        config.backend, trainer.device, op="dino_loss", native_op=loss_op.NATIVE_FORWARD_OP
-    )
+
+    def backend(op: str, native_op: str) -> str:
+        return select_backend(config.backend, trainer.device, op=op, native_op=native_op)
+
+    if config.teacher_centering == "sinkhorn_knopp":
+        loss = (
+            f"sinkhorn_knopp {backend('sinkhorn_knopp', sinkhorn.NATIVE_OP)}, weighted_cross_entropy "
+            f"{backend('weighted_cross_entropy', cross_entropy.NATIVE_FORWARD_OP)}"
+        )
+    else:
+        loss = f"dino_loss {backend('dino_loss', loss_op.NATIVE_FORWARD_OP)}"
     attention = getattr(trainer.student.backbone, "attn_backend", config.attn_backend)
     usable = [name for name, reason in available_backends(trainer.device).items() if reason is None]
     return (
-        f"dino_loss {loss_backend}, teacher EMA {trainer.ema.backend} (flat buffers), attention {attention} "
+        f"{loss}, teacher EMA {trainer.ema.backend} (flat buffers), attention {attention} "
         f"(usable op backends here: {', '.join(usable)})"
     )
 
@@ -36,6 +45,9 @@ def run_summary(
 ) -> str:
     n_student = sum(p.numel() for p in trainer.student.parameters())
     total_batch = config.batch_size_per_gpu * info.world_size
+    centering = f"center momentum {config.center_momentum:g}"
+    if config.teacher_centering == "sinkhorn_knopp":
+        centering = "Sinkhorn-Knopp teacher targets (no center)"
     s = trainer.schedules
     lines = [
         "dino_fast.train",
@@ -52,7 +64,7 @@ def run_summary(
         f"(warmup {config.warmup_epochs} ep) -> {config.min_lr:g}; wd {config.weight_decay:g}->"
         f"{config.weight_decay_end:g}; momentum {config.momentum_teacher:g}->1; teacher temp "
         f"{config.warmup_teacher_temp:g}->{config.teacher_temp:g} over "
-        f"{config.warmup_teacher_temp_epochs} ep; center momentum {config.center_momentum:g}",
+        f"{config.warmup_teacher_temp_epochs} ep; {centering}",
         f"  optim: {type(trainer.optimizer).__name__}"
         f"{' (fused)' if trainer.optimizer.defaults.get('fused') else ''}, clip {config.clip_grad:g} "
         f"({'global norm' if config.clip_grad_mode == 'global' else 'per parameter'}), "

@@ -113,6 +113,7 @@ class Trainer:
             config.warmup_teacher_temp_epochs,
             config.epochs,
             center_momentum=config.center_momentum,
+            teacher_centering=config.teacher_centering,
             backend=config.backend,
         ).to(self.device)
 

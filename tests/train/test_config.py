@@ -167,6 +167,18 @@ def test_bad_arguments_give_clear_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_teacher_centering_flag_takes_sinkhorn_knopp_and_refuses_another_value_in_one_line(capsys):
+    assert parse_args(["--preset", "smoke", "--data", "synthetic"]).teacher_centering == "center"
+    argv = ["--preset", "smoke", "--data", "synthetic", "--teacher_centering"]
+    assert parse_args([*argv, "sinkhorn_knopp"]).teacher_centering == "sinkhorn_knopp"
+    with pytest.raises(SystemExit) as exc:
+        parse_args([*argv, "sinkhorn"])
+    assert exc.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--teacher_centering" in errors[0], errors
+    assert "'sinkhorn'" in errors[0] and "center" in errors[0] and "sinkhorn_knopp" in errors[0]
+
+
 def test_to_dict_is_plain():
     d = TrainConfig.from_preset("smoke").to_dict()
     assert d["global_crops_scale"] == [0.4, 1.0]

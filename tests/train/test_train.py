@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import itertools
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import torch
 
 from dino_fast.checkpoint import load_checkpoint
 from dino_fast.official.training import clip_gradients as official_clip_gradients
+from dino_fast.ops.loss import DINOLoss
 from dino_fast.output_lock import LOCK_NAME
 from dino_fast.train import (
     ConfigError,
@@ -244,6 +246,31 @@ def test_center_momentum_comes_from_the_config(tmp_path, center_momentum):
     torch.testing.assert_close(t.dino_loss.center, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_sinkhorn_knopp_step_takes_its_loss_at_the_epochs_temperature_learns_and_never_moves_the_center(
+    tmp_path,
+):
+    # Teacher temperatures 0.02, 0.03, 0.04, 0.04 over the 4 epochs; the steps run from epoch 1, past
+    # the learning-rate warmup and the frozen last layer. No drop path: the step's outputs are known.
+    cfg = smoke(
+        tmp_path, teacher_centering="sinkhorn_knopp", epochs=4, warmup_teacher_temp=0.02,
+        warmup_teacher_temp_epochs=3, drop_path_rate=0.0, lr=0.005,
+    )  # fmt: skip
+    t = make_trainer(cfg, steps_per_epoch=2)
+    batch = synthetic_batch(cfg)
+    with torch.no_grad():
+        teacher_output = t.teacher(batch.global_crops)
+        student_output = t.student(batch.global_crops, batch.local_crops)
+    schedule = (cfg.warmup_teacher_temp, cfg.teacher_temp, cfg.warmup_teacher_temp_epochs, cfg.epochs)
+    want = DINOLoss(cfg.out_dim, cfg.ncrops, *schedule, teacher_centering="sinkhorn_knopp")
+    dino_v1 = DINOLoss(cfg.out_dim, cfg.ncrops, *schedule)(student_output, teacher_output, 1)
+    losses = [t.step(batch, iteration) for iteration in range(2, 8)]  # the same batch, 6 times
+    torch.testing.assert_close(losses[0], want(student_output, teacher_output, 1), rtol=1e-5, atol=0)
+    assert not torch.allclose(losses[0], dino_v1, rtol=1e-2)
+    assert all(torch.isfinite(loss) for loss in losses)
+    assert all(later < earlier for earlier, later in itertools.pairwise(losses)), losses
+    assert torch.equal(t.dino_loss.center, torch.zeros(1, cfg.out_dim))
+
+
 def test_last_layer_frozen_only_during_freeze_epochs(tmp_path):
     cfg = smoke(tmp_path, norm_last_layer=False, freeze_last_layer=1, lr=0.5)
     t = make_trainer(cfg, steps_per_epoch=2)
@@ -271,13 +298,15 @@ def test_mixed_precision_step_runs_and_learns(tmp_path, precision):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("teacher_centering", ["center", "sinkhorn_knopp"])
+def test_resume_is_exact(tmp_path, teacher_centering):
     """6 steps straight == 3 steps, stop, resume, 3 more (mid-epoch stop, crossing the epoch where
     the last layer unfreezes; drop path on, so the RNG state must be restored too)."""
-    straight = train(smoke(tmp_path, output_dir=str(tmp_path / "a"), max_steps=6))
-    first = train(smoke(tmp_path, output_dir=str(tmp_path / "b"), max_steps=3))
+    run = dict(teacher_centering=teacher_centering)
+    straight = train(smoke(tmp_path, output_dir=str(tmp_path / "a"), max_steps=6, **run))
+    first = train(smoke(tmp_path, output_dir=str(tmp_path / "b"), max_steps=3, **run))
     assert first.iteration == 3 and load_checkpoint(first.checkpoint)["iteration"] == 3
-    resumed = train(smoke(tmp_path, output_dir=str(tmp_path / "b"), max_steps=6))
+    resumed = train(smoke(tmp_path, output_dir=str(tmp_path / "b"), max_steps=6, **run))
     assert resumed.iteration == 6
     for name in ("student", "teacher"):
         a = getattr(straight.trainer, name).state_dict()
@@ -288,6 +317,22 @@ def test_resume_is_exact(tmp_path):
     sa, sb = straight.trainer.optimizer.state_dict(), resumed.trainer.optimizer.state_dict()
     for k in sa["state"]:
         assert torch.equal(sa["state"][k]["exp_avg"], sb["state"][k]["exp_avg"])
+
+
+def test_a_run_resumed_with_another_teacher_centering_continues_and_keeps_the_center(tmp_path):
+    """Switching --teacher_centering on resume is allowed: sinkhorn_knopp keeps the center a DINO v1
+    run saved, unused, and a DINO v1 run resumed after it continues from that center."""
+    out = str(tmp_path / "run")
+    v1 = train(smoke(tmp_path, output_dir=out, max_steps=2))
+    saved_center = load_checkpoint(v1.checkpoint)["dino_loss"]["center"]
+    assert saved_center.abs().sum() > 0
+    sinkhorn = train(smoke(tmp_path, output_dir=out, max_steps=3, teacher_centering="sinkhorn_knopp"))
+    ckpt = load_checkpoint(sinkhorn.checkpoint)
+    assert ckpt["iteration"] == 3 and ckpt["args"]["teacher_centering"] == "sinkhorn_knopp"
+    assert torch.equal(ckpt["dino_loss"]["center"], saved_center)
+    back = train(smoke(tmp_path, output_dir=out, max_steps=4))
+    assert back.iteration == 4 and back.trainer.dino_loss.teacher_centering == "center"
+    assert not torch.equal(load_checkpoint(back.checkpoint)["dino_loss"]["center"], saved_center)
 
 
 def test_checkpoint_is_official_compatible(tmp_path):
