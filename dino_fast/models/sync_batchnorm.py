@@ -10,10 +10,29 @@ CUDA SyncBatchNorm computes for ``sum_dy`` and ``sum_dy_xmu``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor, nn
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks; its gradient is the sum over ranks of the gradients (every rank's loss
+    reads the sum)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 class SyncBatchNorm(nn.SyncBatchNorm):
@@ -38,11 +57,11 @@ class SyncBatchNorm(nn.SyncBatchNorm):
         reduce_dims = [0, *range(2, x.dim())]
         channel_shape = (1, -1) + (1,) * (x.dim() - 2)
         count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype)
-        sums = dist_nn.all_reduce(torch.cat([x.sum(reduce_dims), count]), group=group)
+        sums = _AllReduceSum.apply(torch.cat([x.sum(reduce_dims), count]), group)
         total = sums[-1]
         mean = sums[:-1] / total
         centered = x - mean.view(channel_shape)
-        var = dist_nn.all_reduce(centered.square().sum(reduce_dims), group=group) / total
+        var = _AllReduceSum.apply(centered.square().sum(reduce_dims), group) / total
         out = centered * torch.rsqrt(var + self.eps).view(channel_shape)
         if self.affine:
             out = out * self.weight.view(channel_shape) + self.bias.view(channel_shape)
