@@ -31,7 +31,7 @@ _EXPORTS = {
     "knn_classifier": "knn",
     "knn_from_features": "knn",
     "KNNResult": "knn",
-    "LinearClassifier": "linear",
+    "LinearClassifier": "classifier",
     "LinearProbeConfig": "linear",
     "LinearProbeResult": "linear",
     "train_linear_on_features": "linear",
@@ -40,7 +40,17 @@ _EXPORTS = {
     "cls_attention": "attention_maps",
     "threshold_masks": "attention_maps",
 }
-_SUBMODULES = {"weights", "features", "cache", "splits", "dumps", "knn", "linear", "attention_maps"}
+_SUBMODULES = {
+    "weights",
+    "features",
+    "cache",
+    "splits",
+    "dumps",
+    "knn",
+    "classifier",
+    "linear",
+    "attention_maps",
+}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 
