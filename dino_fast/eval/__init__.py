@@ -5,6 +5,8 @@
     vit = build_backbone("vit_small", 16)
     load_pretrained_weights(vit, "runs/x/checkpoint.pth", "teacher")
     knn_accuracy(vit, "imagenet/train", "imagenet/val", device="cuda")   # {10: ..., 20: ..., ...}
+    rn50 = build_backbone("resnet50")   # torchvision ResNet-50, fc = identity: 2048-d pooled features
+    load_pretrained_weights(rn50, "dino_resnet50_pretrain.pth")
 
 Command lines: ``python -m dino_fast.eval.knn``, ``python -m dino_fast.eval.linear``,
 ``python -m dino_fast.visualize`` (flags as in the official eval_knn.py, eval_linear.py and
@@ -41,6 +43,7 @@ _EXPORTS = {
     "threshold_masks": "attention_maps",
 }
 _SUBMODULES = {
+    "arch_inference",
     "weights",
     "features",
     "cache",
