@@ -97,14 +97,14 @@ def describe_state_dict(state: Mapping[str, torch.Tensor]) -> str:
         dim, patch, depth = shape
         arch = _EMBED_DIM_TO_VIT.get(dim)
         guess = f" -> --arch {arch} --patch_size {patch}" if arch else ""
-        return f"it was saved from a ViT with embed_dim={dim}, patch_size={patch}, depth={depth}{guess}"
+        return f"It was saved from a ViT with embed_dim={dim}, patch_size={patch}, depth={depth}{guess}"
     structure = _resnet_structure(state)
     if structure is not None:
         arch = resnet_arch(state)
         if arch is not None:
-            return f"it was saved from a {arch} ({structure}) -> --arch {arch}"
-        return f"it was saved from a ResNet with {structure}, which is none of {', '.join(RESNET_ARCHS)}"
+            return f"It was saved from a {arch} ({structure}) -> --arch {arch}"
+        return f"It was saved from a ResNet with {structure}, which is none of {', '.join(RESNET_ARCHS)}"
     return (
-        "it looks like neither a ViT backbone (no patch_embed.proj.weight) nor a torchvision ResNet "
+        "It looks like neither a ViT backbone (no patch_embed.proj.weight) nor a torchvision ResNet "
         "(no layer1.0.conv2.weight)"
     )

@@ -102,8 +102,8 @@ class LinearProbeConfig:
             vit_flags.append("--avgpool_patchtokens true")
         if vit_flags:
             raise ValueError(
-                f"{' and '.join(vit_flags)} apply to ViTs only: the {type(model).__name__} under evaluation "
-                "is a convnet, whose feature is its global-average-pooled output; leave them out"
+                f"{' and '.join(vit_flags)}: ViT-only flags, but the {type(model).__name__} under "
+                "evaluation is a convnet, whose feature is its global-average-pooled output; leave them out"
             )
         return FeatureSpec(image_size=self.image_size, resize_size=self.resize_size)
 
