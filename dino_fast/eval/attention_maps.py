@@ -23,7 +23,7 @@ N times (pixel repetition) for models that run on small inputs.
         --patch_size 8 --image_path photo.jpg --output_dir attn --threshold 0.6
 
 A convnet (``--arch resnet50``, or a checkpoint that holds one) has no self-attention: it is
-refused in one line, before its weights are loaded.
+refused in one line, before any model is built.
 """
 
 from __future__ import annotations

@@ -7,9 +7,9 @@ Features of a ViT: the CLS tokens of the last ``n_last_blocks`` blocks (4 for Vi
 the average-pooled patch tokens of the last block with ``--avgpool_patchtokens true`` (what the
 paper uses for ViT-B); ``--n_last_blocks 1`` is the last-layer CLS. Features of a convnet
 (``--arch resnet50``): its global-average-pooled output (fc = identity, 2048-d for ResNet-50),
-the same recipe otherwise. The official script ignores the two ViT flags for a convnet; here a
-value other than their default is refused, since it would not change the feature. Training images get
-RandomResizedCrop + horizontal flip, validation images Resize + CenterCrop. Top-1 and top-5
+with the same recipe otherwise. The official script ignores the two ViT flags for a convnet;
+here a value other than their default is refused rather than silently ignored. Training images
+get RandomResizedCrop + horizontal flip, validation images Resize + CenterCrop. Top-1 and top-5
 (top-5 only with 5 classes or more) are reported every ``val_freq`` epochs; the official
 script's headline number is the best top-1 over those evaluations, reported here as
 ``best_top1`` next to the last epoch's ``top1``.

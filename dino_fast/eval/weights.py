@@ -119,7 +119,9 @@ def backbone_state_dict(
             continue
         out[key] = value
     if not out:
-        raise CheckpointError(f"{source} has no backbone tensors once the DINO head is dropped")
+        raise CheckpointError(
+            f"{source} has no backbone tensors once the DINO head and any classifier (fc) are dropped"
+        )
     return out
 
 

@@ -11,7 +11,6 @@ from dino_fast.eval import linear
 from dino_fast.eval.features import FeatureSet, intermediate_features
 from dino_fast.eval.splits import scan_split, train_dataset
 from dino_fast.eval.weights import CheckpointError, build_backbone
-from tests.helpers.photos import make_image_folder
 
 
 def separable(num_classes: int, per_class: int, dim: int, seed: int) -> FeatureSet:
@@ -113,14 +112,6 @@ def test_intermediate_features_layout():
     assert (
         intermediate_features(fake, x, 2, avgpool=True)[0].tolist() == [0, 0, 0, 100, 100, 100] + [102.5] * 3
     )
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("linear_data")
-    make_image_folder(root / "train", per_class=2)
-    make_image_folder(root / "val", per_class=2)
-    return root
 
 
 def test_augmented_image_path_runs_the_official_recipe(data_root, tmp_path):
