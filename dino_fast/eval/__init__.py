@@ -5,6 +5,8 @@
     vit = build_backbone("vit_small", 16)
     load_pretrained_weights(vit, "runs/x/checkpoint.pth", "teacher")
     knn_accuracy(vit, "imagenet/train", "imagenet/val", device="cuda")   # {10: ..., 20: ..., ...}
+    rn50 = build_backbone("resnet50")   # torchvision ResNet-50, fc = identity: 2048-d pooled features
+    load_pretrained_weights(rn50, "dino_resnet50_pretrain.pth")
 
 Command lines: ``python -m dino_fast.eval.knn``, ``python -m dino_fast.eval.linear``,
 ``python -m dino_fast.visualize`` (flags as in the official eval_knn.py, eval_linear.py and
@@ -31,7 +33,7 @@ _EXPORTS = {
     "knn_classifier": "knn",
     "knn_from_features": "knn",
     "KNNResult": "knn",
-    "LinearClassifier": "linear",
+    "LinearClassifier": "classifier",
     "LinearProbeConfig": "linear",
     "LinearProbeResult": "linear",
     "train_linear_on_features": "linear",
@@ -40,7 +42,18 @@ _EXPORTS = {
     "cls_attention": "attention_maps",
     "threshold_masks": "attention_maps",
 }
-_SUBMODULES = {"weights", "features", "cache", "splits", "dumps", "knn", "linear", "attention_maps"}
+_SUBMODULES = {
+    "arch_inference",
+    "weights",
+    "features",
+    "cache",
+    "splits",
+    "dumps",
+    "knn",
+    "classifier",
+    "linear",
+    "attention_maps",
+}
 
 __all__ = sorted(_EXPORTS) + sorted(_SUBMODULES)
 

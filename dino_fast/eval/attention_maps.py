@@ -21,6 +21,9 @@ N times (pixel repetition) for models that run on small inputs.
 
     python -m dino_fast.visualize --pretrained_weights out/checkpoint.pth --arch vit_small \
         --patch_size 8 --image_path photo.jpg --output_dir attn --threshold 0.6
+
+A convnet (``--arch resnet50``, or a checkpoint that holds one) has no self-attention: it is
+refused in one line, before any model is built.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from dino_fast import models
 from dino_fast.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dino_fast.data.folders import DECODE_ERRORS, UnusableImageError, inspect_image, load_rgb
-from dino_fast.eval.weights import add_model_arguments, build_model_from_args
+from dino_fast.eval.weights import ModelChoice, add_model_arguments, choose_model
 
 logger = logging.getLogger(__name__)
 
@@ -116,9 +120,31 @@ def load_image(
     return (x - mean) / std, np.ascontiguousarray(rgb)
 
 
+_FOR_A_CONVNET = (
+    "it has no self-attention to draw. Attention maps need a ViT "
+    f"(--arch {' / '.join(models.ARCHS)}); evaluate a convnet with python -m dino_fast.eval.knn "
+    "or python -m dino_fast.eval.linear"
+)
+
+
+def refuse_convnet(choice: ModelChoice) -> None:
+    """Raise when the backbone the flags or the checkpoint name is a convnet (ResNet)."""
+    if not models.is_convnet(choice.arch):
+        return
+    if choice.arch_origin == "--arch":
+        raise ValueError(f"--arch {choice.arch} is a convnet: {_FOR_A_CONVNET}")
+    raise ValueError(f"{choice.arch_origin} holds a {choice.arch}, a convnet: {_FOR_A_CONVNET}")
+
+
+def _require_attention(model: nn.Module) -> None:
+    if not callable(getattr(model, "get_last_selfattention", None)):
+        raise ValueError(f"the {type(model).__name__} given is not a ViT: {_FOR_A_CONVNET}")
+
+
 @torch.no_grad()
 def cls_attention(model: nn.Module, image: torch.Tensor) -> torch.Tensor:
     """Last block's CLS-to-patch attention, ``(num_heads, H / patch, W / patch)``, float32 on CPU."""
+    _require_attention(model)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected one normalized (3, H, W) image, got shape {tuple(image.shape)}")
     patch = int(model.patch_size)
@@ -234,6 +260,7 @@ def render_attention(
     """
     if output_scale < 1:
         raise ValueError(f"--output_scale must be a positive integer, got {output_scale}")
+    _require_attention(model)
     patch = int(model.patch_size)
     image, rgb = load_image(image_path, image_size, patch)
     attn = cls_attention(model, image)
@@ -336,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     missing = [str(p) for p in args.image_path if not p.is_file()]
     if missing:
         raise SystemExit(f"--image_path: no such file(s): {', '.join(missing)}")
-    model = build_model_from_args(args, device)
+    choice = choose_model(args)
+    refuse_convnet(choice)
+    model = choice.build(device, args.attn_backend)
     options = dict(image_size=args.image_size, threshold=args.threshold, output_scale=args.output_scale)
     written: list[Path] = []
     overview: list[list[np.ndarray]] = []

@@ -22,10 +22,12 @@ from dino_fast import distributed
 class FeatureSpec:
     """What a feature vector is: the eval transform and which tokens/layers are taken.
 
-    ``n_last_blocks=None`` is the backbone's output (last-layer CLS after the final norm), the
-    k-NN feature. ``n_last_blocks=n`` concatenates the CLS tokens of the last n blocks (each
-    through the final norm, as ``get_intermediate_layers`` returns them) and, with
-    ``avgpool_patchtokens``, the mean of the last block's patch tokens: the linear-probe feature.
+    ``n_last_blocks=None`` is the backbone's output: a ViT's last-layer CLS after the final norm,
+    a convnet's global-average-pooled features (fc = identity); the k-NN feature, and a
+    convnet's linear-probe feature. ``n_last_blocks=n`` (ViTs) concatenates the CLS tokens of the
+    last n blocks (each through the final norm, as ``get_intermediate_layers`` returns them) and,
+    with ``avgpool_patchtokens``, the mean of the last block's patch tokens: the ViT linear-probe
+    feature.
     """
 
     image_size: int = 224
@@ -54,7 +56,17 @@ class FeatureSpec:
     def feature_fn(self, model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
         if self.n_last_blocks is None:
             return model
+        if not has_block_tokens(model):
+            raise ValueError(
+                f"n_last_blocks={self.n_last_blocks} takes a ViT's block tokens, but {type(model).__name__} "
+                "has none (a convnet): use its pooled output, n_last_blocks=None"
+            )
         return lambda x: intermediate_features(model, x, self.n_last_blocks or 1, self.avgpool_patchtokens)
+
+
+def has_block_tokens(model: nn.Module) -> bool:
+    """Whether ``model`` hands out its blocks' tokens (a ViT's ``get_intermediate_layers``)."""
+    return callable(getattr(model, "get_intermediate_layers", None))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Semantics follow the official ``eval_knn.py``:
 
-- features are the backbone's CLS output, L2-normalized, so a dot product is the cosine
+- features are the backbone's output (a ViT's CLS token, a convnet's global-average-pooled
+  features: fc = identity, 2048-d for ResNet-50), L2-normalized, so a dot product is the cosine
   similarity;
 - each test sample takes its k most similar training samples; neighbour j votes for its
   label with weight ``exp(sim_j / T)`` (T = 0.07);
@@ -18,6 +19,7 @@ Command line (same flags as the official script; ``torchrun`` for several GPUs):
 
     python -m dino_fast.eval.knn --pretrained_weights out/checkpoint.pth --checkpoint_key teacher \
         --arch vit_small --patch_size 16 --data_path /path/to/imagenet --nb_knn 10 20 100 200
+    python -m dino_fast.eval.knn --pretrained_weights dino_resnet50_pretrain.pth --data_path /path/to/imagenet
 """
 
 from __future__ import annotations
@@ -232,7 +234,7 @@ def evaluate_knn(
     num_workers: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> KNNResult:
-    """Extract CLS features of ``backbone`` on two ImageFolders and run the weighted k-NN.
+    """Extract the features of ``backbone`` on two ImageFolders and run the weighted k-NN.
 
     Runs under ``torch.distributed`` when a process group is initialized (each rank extracts
     its shard; every rank gets the result). ``image_size``/``resize_size`` set the eval
@@ -270,7 +272,7 @@ def knn_accuracy(
     num_workers: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> dict[int, float]:
-    """Weighted k-NN top-1 accuracy (percent) per k of ``backbone``'s CLS features.
+    """Weighted k-NN top-1 accuracy (percent) per k of ``backbone``'s features.
 
     The one-call version of :func:`evaluate_knn` for training scripts and tests, e.g.::
 

@@ -3,10 +3,13 @@
 Recipe defaults, as in the official script: SGD with momentum 0.9, no weight decay,
 lr = 0.001 x (batch x world size) / 256 with a per-epoch cosine schedule to 0 over 100
 epochs, batch 128 per process, a linear layer initialized N(0, 0.01) with zero bias.
-Features: the CLS tokens of the last ``n_last_blocks`` blocks (4 for ViT-S/16), plus the
-average-pooled patch tokens of the last block with ``--avgpool_patchtokens true`` (what the
-paper uses for ViT-B); ``--n_last_blocks 1`` is the last-layer CLS. Training images get
-RandomResizedCrop + horizontal flip, validation images Resize + CenterCrop. Top-1 and top-5
+Features of a ViT: the CLS tokens of the last ``n_last_blocks`` blocks (4 for ViT-S/16), plus
+the average-pooled patch tokens of the last block with ``--avgpool_patchtokens true`` (what the
+paper uses for ViT-B); ``--n_last_blocks 1`` is the last-layer CLS. Features of a convnet
+(``--arch resnet50``): its global-average-pooled output (fc = identity, 2048-d for ResNet-50),
+with the same recipe otherwise. The official script ignores the two ViT flags for a convnet;
+here a value other than their default is refused rather than silently ignored. Training images
+get RandomResizedCrop + horizontal flip, validation images Resize + CenterCrop. Top-1 and top-5
 (top-5 only with 5 classes or more) are reported every ``val_freq`` epochs; the official
 script's headline number is the best top-1 over those evaluations, reported here as
 ``best_top1`` next to the last epoch's ``top1``.
@@ -18,6 +21,8 @@ typically a little below the augmented recipe's.
 
     python -m dino_fast.eval.linear --pretrained_weights out/checkpoint.pth --arch vit_small \
         --patch_size 16 --data_path /path/to/imagenet --output_dir out/linear
+    python -m dino_fast.eval.linear --pretrained_weights dino_resnet50_pretrain.pth \
+        --data_path /path/to/imagenet --output_dir out/linear_rn50
 """
 
 from __future__ import annotations
@@ -40,35 +45,21 @@ from dino_fast import distributed
 from dino_fast.checkpoint import atomic_save
 from dino_fast.errors import run_command
 from dino_fast.eval.cache import FeatureCache
-from dino_fast.eval.features import FeatureSet, FeatureSpec
-from dino_fast.eval.splits import extract_split, scan_split, split_dirs, train_dataset
-from dino_fast.eval.weights import (
-    CheckpointError,
-    add_model_arguments,
-    build_model_from_args,
-    read_checkpoint,
+from dino_fast.eval.classifier import (
+    LinearClassifier,
+    evaluate_classifier,
+    load_linear_weights,
+    strip_ddp_prefix,
 )
+from dino_fast.eval.features import FeatureSet, FeatureSpec, has_block_tokens
+from dino_fast.eval.splits import extract_split, scan_split, split_dirs, train_dataset
+from dino_fast.eval.weights import add_model_arguments, build_model_from_args
 from dino_fast.flags import bool_flag
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pth.tar"  # official file name, resumed from when present
-
-
-class LinearClassifier(nn.Module):
-    """One linear layer on flattened features (official initialization)."""
-
-    def __init__(self, dim: int, num_labels: int = 1000) -> None:
-        super().__init__()
-        if dim < 1 or num_labels < 1:
-            raise ValueError(f"LinearClassifier needs dim >= 1 and num_labels >= 1, got {dim}, {num_labels}")
-        self.num_labels = num_labels
-        self.linear = nn.Linear(dim, num_labels)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)
-        self.linear.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.flatten(1))
+DEFAULT_N_LAST_BLOCKS = 4  # official; the ViT-S/16 setting
 
 
 @dataclass
@@ -81,7 +72,7 @@ class LinearProbeConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     val_freq: int = 1
-    n_last_blocks: int = 4
+    n_last_blocks: int = DEFAULT_N_LAST_BLOCKS  # ViTs only, as avgpool_patchtokens
     avgpool_patchtokens: bool = False
     image_size: int = 224
     resize_size: int | None = None
@@ -95,13 +86,26 @@ class LinearProbeConfig:
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
 
-    def feature_spec(self) -> FeatureSpec:
-        return FeatureSpec(
-            image_size=self.image_size,
-            resize_size=self.resize_size,
-            n_last_blocks=self.n_last_blocks,
-            avgpool_patchtokens=self.avgpool_patchtokens,
-        )
+    def feature_spec(self, model: nn.Module) -> FeatureSpec:
+        """The probe's feature of ``model``: a ViT's tokens as configured, a convnet's pooled output."""
+        if has_block_tokens(model):
+            return FeatureSpec(
+                image_size=self.image_size,
+                resize_size=self.resize_size,
+                n_last_blocks=self.n_last_blocks,
+                avgpool_patchtokens=self.avgpool_patchtokens,
+            )
+        vit_flags = []
+        if self.n_last_blocks != DEFAULT_N_LAST_BLOCKS:
+            vit_flags.append(f"--n_last_blocks {self.n_last_blocks}")
+        if self.avgpool_patchtokens:
+            vit_flags.append("--avgpool_patchtokens true")
+        if vit_flags:
+            raise ValueError(
+                f"{' and '.join(vit_flags)}: ViT-only flags, but the {type(model).__name__} under "
+                "evaluation is a convnet, whose feature is its global-average-pooled output; leave them out"
+            )
+        return FeatureSpec(image_size=self.image_size, resize_size=self.resize_size)
 
     def scaled_lr(self) -> float:
         return self.lr * self.batch_size_per_gpu * distributed.get_world_size() / 256.0
@@ -117,50 +121,6 @@ class LinearProbeResult:
     epochs: int
     history: list[dict[str, float]] = field(default_factory=list)
     classifier: LinearClassifier | None = None
-
-
-def feature_dim(embed_dim: int, n_last_blocks: int, avgpool_patchtokens: bool) -> int:
-    """Official: embed_dim x (n_last_blocks + avgpool)."""
-    return embed_dim * (n_last_blocks + int(avgpool_patchtokens))
-
-
-@torch.no_grad()
-def accuracy(logits: torch.Tensor, target: torch.Tensor, topk: Sequence[int] = (1, 5)) -> list[torch.Tensor]:
-    """Number of samples whose target is among the ``k`` highest logits, per k (tensors, no sync)."""
-    maxk = min(max(topk), logits.shape[1])
-    pred = logits.topk(maxk, dim=1).indices
-    hits = pred == target[:, None]
-    return [hits[:, : min(k, maxk)].any(dim=1).sum() for k in topk]
-
-
-def _unwrap(module: nn.Module) -> LinearClassifier:
-    inner = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-    assert isinstance(inner, LinearClassifier)
-    return inner
-
-
-@torch.no_grad()
-def evaluate_classifier(
-    classifier: nn.Module, val_features: torch.Tensor, val_labels: torch.Tensor, batch_size: int = 1024
-) -> tuple[float, float | None, float]:
-    """(top-1, top-5 or None, mean loss) of ``classifier`` on precomputed features."""
-    classifier.eval()
-    num_labels = _unwrap(classifier).num_labels
-    device = next(classifier.parameters()).device
-    c1 = torch.zeros((), dtype=torch.long, device=device)
-    c5 = torch.zeros((), dtype=torch.long, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, val_features.shape[0], batch_size):
-        x = val_features[start : start + batch_size].to(device)
-        y = val_labels[start : start + batch_size].to(device)
-        logits = classifier(x)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        a1, a5 = accuracy(logits, y, (1, 5))
-        c1 += a1
-        c5 += a5
-    n = val_features.shape[0]
-    top5 = float(c5) * 100.0 / n if num_labels >= 5 else None
-    return float(c1) * 100.0 / n, top5, float(loss_sum) / n
 
 
 Batches = Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]
@@ -190,7 +150,7 @@ def _fit(
     ckpt_path = output_dir / CHECKPOINT_NAME if output_dir is not None else None
     if ckpt_path is not None and ckpt_path.is_file():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        classifier.load_state_dict(_strip_module(state["state_dict"]))
+        classifier.load_state_dict(strip_ddp_prefix(state["state_dict"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_acc = int(state["epoch"]), float(state["best_acc"])
@@ -245,10 +205,6 @@ def _fit(
     return LinearProbeResult(
         top1=top1, top5=top5, best_top1=best_acc, epochs=cfg.epochs, history=history, classifier=classifier
     )
-
-
-def _strip_module(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _epoch_permutation(num_samples: int, epoch: int, seed: int) -> list[int]:
@@ -313,7 +269,7 @@ def train_linear_on_images(
     cfg = cfg or LinearProbeConfig()
     device = torch.device(device)
     model.eval().to(device)
-    spec = cfg.feature_spec()
+    spec = cfg.feature_spec(model)
     train_index = scan_split(train_root)
     val_index = scan_split(val_root)
     if list(train_index.classes) != list(val_index.classes):
@@ -321,9 +277,13 @@ def train_linear_on_images(
             f"train ({train_root}) and val ({val_root}) have different class folders: "
             f"{list(train_index.classes)} vs {list(val_index.classes)}"
         )
+    # Validation images are not augmented, so their features are extracted once (all ranks); their
+    # width sizes the classifier (official: embed_dim x (n_last_blocks + avgpool), or a convnet's fc input).
+    val = extract_split(
+        model, val_root, spec, device=device, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers
+    )
     torch.manual_seed(cfg.seed)
-    dim = feature_dim(_embed_dim(model), cfg.n_last_blocks, cfg.avgpool_patchtokens)
-    classifier = LinearClassifier(dim, len(train_index.classes))
+    classifier = LinearClassifier(val.features.shape[1], len(train_index.classes))
     train_set = train_dataset(train_index, spec)
     feature_fn = spec.feature_fn(model)
 
@@ -340,10 +300,6 @@ def train_linear_on_images(
                 x = feature_fn(images.to(device, non_blocking=True))
             yield x, target
 
-    # Validation images are not augmented, so their features are extracted once (all ranks).
-    val = extract_split(
-        model, val_root, spec, device=device, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers
-    )
     return _fit(
         classifier,
         batches,
@@ -354,35 +310,6 @@ def train_linear_on_images(
     )
 
 
-def _embed_dim(model: nn.Module) -> int:
-    dim = getattr(model, "embed_dim", None)
-    if not isinstance(dim, int):
-        raise TypeError(
-            f"{type(model).__name__} has no integer `embed_dim`: the linear probe needs a dino_fast ViT"
-        )
-    return dim
-
-
-def load_linear_weights(classifier: LinearClassifier, path: str | os.PathLike[str]) -> None:
-    """Load a linear layer saved by this script or by the official one (``module.`` prefixes)."""
-    blob = read_checkpoint(path)
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-    state = _strip_module(dict(state))
-    own = classifier.state_dict()
-    bad = {
-        k: (tuple(v.shape), tuple(own[k].shape))
-        for k, v in state.items()
-        if k in own and v.shape != own[k].shape
-    }
-    if set(state) != set(own) or bad:
-        raise CheckpointError(
-            f"{path} does not hold a linear layer for this probe: keys {sorted(state)} "
-            f"(expected {sorted(own)}), "
-            f"shape mismatches (found, expected): {bad}. Check --n_last_blocks/--avgpool_patchtokens/--arch."
-        )
-    classifier.load_state_dict(state)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         "python -m dino_fast.eval.linear", description="Linear probe on frozen DINO features."
@@ -390,13 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(parser)
     d = LinearProbeConfig()
     parser.add_argument(
-        "--n_last_blocks", default=d.n_last_blocks, type=int, help="Concatenate the CLS of the n last blocks."
+        "--n_last_blocks", default=d.n_last_blocks, type=int, help="ViTs: the CLS of the n last blocks."
     )
     parser.add_argument(
         "--avgpool_patchtokens",
         default=d.avgpool_patchtokens,
         type=bool_flag,
-        help="Also concatenate the average-pooled patch tokens of the last block.",
+        help="ViTs: also concatenate the average-pooled patch tokens of the last block.",
     )
     parser.add_argument("--epochs", default=d.epochs, type=int)
     parser.add_argument(
@@ -452,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
     train_dir, val_dir = split_dirs(args.data_path)
     with distributed.distributed_context() as device:
         model = build_model_from_args(args, device)
-        spec = cfg.feature_spec()
+        spec = cfg.feature_spec(model)
         common: dict[str, Any] = dict(
             device=device, batch_size=cfg.batch_size_per_gpu, num_workers=cfg.num_workers
         )
@@ -463,9 +390,7 @@ def main(argv: Sequence[str] | None = None) -> LinearProbeResult:
                 )
             val = extract_split(model, val_dir, spec, **common)
             num_labels = args.num_labels or len(val.classes)
-            classifier = LinearClassifier(
-                feature_dim(_embed_dim(model), cfg.n_last_blocks, cfg.avgpool_patchtokens), num_labels
-            )
+            classifier = LinearClassifier(val.features.shape[1], num_labels)
             load_linear_weights(classifier, args.linear_weights)
             top1, top5, _ = evaluate_classifier(classifier.to(device), val.features, val.labels.to(device))
             result = LinearProbeResult(top1=top1, top5=top5, best_top1=top1, epochs=0, classifier=classifier)

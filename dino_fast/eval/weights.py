@@ -1,11 +1,16 @@
 """The backbone under evaluation and its weights.
 
+Every ``--arch`` of ``dino_fast.models.BACKBONE_ARCHS`` is evaluated: a ViT (official parameter
+names) or a torchvision ResNet whose ``fc`` is an identity, so that its feature is the
+global-average-pooled output (2048-d for ResNet-50), as in the official evaluation scripts.
+
 :func:`load_pretrained_weights` takes a dino_fast or an official DINO checkpoint — a full
 training checkpoint (``student``/``teacher`` entries, ``module.`` and ``backbone.`` prefixes, the
 projection head dropped as the official evaluation does) or a plain backbone state dict (the
-released ``*_pretrain.pth``) — and refuses anything that does not fit the model exactly, naming
-the mismatching tensors. Without weights the model keeps its random initialization and a loud
-warning says so.
+released ``*_pretrain.pth``; a torchvision classifier's ``fc`` is dropped too) — and refuses
+anything that does not fit the model exactly, naming the mismatching tensors and the ``--arch``
+the weights were saved from. Without weights the model keeps its random initialization and a
+loud warning says so.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,23 +26,27 @@ from typing import Any
 import torch
 from torch import nn
 
+from dino_fast import models
 from dino_fast.checkpoint import CheckpointError, load_checkpoint
+from dino_fast.eval.arch_inference import OPTIONAL_BUFFER_SUFFIX, describe_state_dict, stored_model_flags
 from dino_fast.flags import bool_flag
-from dino_fast.models import ARCHS
 
 logger = logging.getLogger(__name__)
 
-_EMBED_DIM_TO_ARCH = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large"}
 # Prefixes wrappers put in front of backbone parameter names: DDP ("module."), the multi-crop
 # wrapper / DINOModel ("backbone."), torch.compile ("_orig_mod.").
 _WRAPPER_PREFIXES = ("module.", "backbone.", "_orig_mod.")
+# What a checkpoint may hold beside the backbone: the DINO projection head, and a torchvision
+# model's classifier (our ResNets end in the pooled features, fc = identity, as the official
+# evaluation's do). Both are dropped, as the official non-strict loading ignores them.
+_NOT_BACKBONE_PREFIXES = ("head.", "fc.")
+DEFAULT_ARCH, DEFAULT_PATCH_SIZE = "vit_small", 16
 
 
 def build_backbone(arch: str, patch_size: int = 16, attn_backend: str = "auto") -> nn.Module:
-    """A dino_fast ViT (official parameter names) in eval mode with frozen parameters."""
-    if arch not in ARCHS:
-        raise ValueError(f"unknown --arch {arch!r}: choose one of {', '.join(ARCHS)}")
-    model = ARCHS[arch](patch_size=patch_size, drop_path_rate=0.0, attn_backend=attn_backend)
+    """The ``arch`` backbone (``patch_size`` and ``attn_backend`` shape ViTs only) in eval mode
+    with frozen parameters."""
+    model = models.build_backbone(arch, patch_size=patch_size, attn_backend=attn_backend)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -107,46 +115,14 @@ def backbone_state_dict(
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         key = _strip_prefixes(str(key))
-        if key.startswith("head."):
-            # The DINO projection head is not part of the evaluated backbone (official: dropped).
+        if key.startswith(_NOT_BACKBONE_PREFIXES):
             continue
         out[key] = value
     if not out:
-        raise CheckpointError(f"{source} has no backbone tensors once the DINO head is dropped")
+        raise CheckpointError(
+            f"{source} has no backbone tensors once the DINO head and any classifier (fc) are dropped"
+        )
     return out
-
-
-def _vit_shape(state: Mapping[str, torch.Tensor]) -> tuple[int, int, int] | None:
-    """``(embed_dim, patch_size, depth)`` of the ViT a backbone state dict was saved from."""
-    proj = state.get("patch_embed.proj.weight")
-    if proj is None or proj.ndim != 4:
-        return None
-    depth = len({m.group(1) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))})
-    return proj.shape[0], proj.shape[-1], depth
-
-
-def describe_vit_state_dict(state: Mapping[str, torch.Tensor]) -> str:
-    """Best-effort description of the ViT a state dict was saved from (for error messages)."""
-    shape = _vit_shape(state)
-    if shape is None:
-        return "it does not look like a ViT backbone (no patch_embed.proj.weight)"
-    dim, patch, depth = shape
-    arch = _EMBED_DIM_TO_ARCH.get(dim)
-    guess = f" -> --arch {arch} --patch_size {patch}" if arch else ""
-    return f"it was saved from a ViT with embed_dim={dim}, patch_size={patch}, depth={depth}{guess}"
-
-
-def stored_model_flags(checkpoint: Mapping[str, Any], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-    """``arch`` and ``patch_size`` the checkpoint was trained with: from its stored ``args`` (a
-    dino_fast dict or an official ``argparse.Namespace``), else read off the weights' shapes."""
-    args = checkpoint.get("args")
-    args = vars(args) if isinstance(args, argparse.Namespace) else args
-    if isinstance(args, Mapping) and args.get("arch") in ARCHS and isinstance(args.get("patch_size"), int):
-        return {"arch": args["arch"], "patch_size": args["patch_size"]}
-    shape = _vit_shape(state)
-    if shape is not None and shape[0] in _EMBED_DIM_TO_ARCH:
-        return {"arch": _EMBED_DIM_TO_ARCH[shape[0]], "patch_size": shape[1]}
-    return {}
 
 
 @dataclass(frozen=True)
@@ -205,9 +181,10 @@ def _load_backbone_state(
         )
         more = f" (and {len(mismatched) - 4} more)" if len(mismatched) > 4 else ""
         raise CheckpointError(
-            f"{path} does not match the model{hint}: {details}{more}. {describe_vit_state_dict(state)}."
+            f"{path} does not match the model{hint}: {details}{more}. {describe_state_dict(state)}."
         )
-    missing = [k for k in own if k not in state]
+    # torch fills in batch-norm step counters a state dict lacks (see OPTIONAL_BUFFER_SUFFIX).
+    missing = [k for k in own if k not in state and not k.endswith(OPTIONAL_BUFFER_SUFFIX)]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         parts = []
@@ -216,7 +193,7 @@ def _load_backbone_state(
         if unexpected:
             parts.append(f"it has {len(unexpected)} tensors the model lacks (e.g. {unexpected[:3]})")
         raise CheckpointError(
-            f"{path} does not match the model{hint}: {' and '.join(parts)}. {describe_vit_state_dict(state)}."
+            f"{path} does not match the model{hint}: {' and '.join(parts)}. {describe_state_dict(state)}."
         )
     model.load_state_dict(state, strict=True)
     logger.info("loaded %d tensors from %s (checkpoint key %r)", len(state), path, checkpoint_key)
@@ -237,11 +214,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--arch",
         default=None,
-        choices=tuple(ARCHS),
-        help="Architecture (default: the checkpoint's, else vit_small).",
+        choices=models.BACKBONE_ARCHS,
+        help=f"Architecture (default: the checkpoint's, else {DEFAULT_ARCH}).",
     )
     parser.add_argument(
-        "--patch_size", default=None, type=int, help="Patch resolution (default: the checkpoint's, else 16)."
+        "--patch_size",
+        default=None,
+        type=int,
+        help=f"ViT patch size (default: the checkpoint's, else {DEFAULT_PATCH_SIZE}); convnets ignore it.",
     )
     parser.add_argument(
         "--attn_backend",
@@ -257,21 +237,62 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """The backbone an evaluation builds (``arch``, a ViT's ``patch_size``), where ``arch`` came from
+    (``--arch``, the checkpoint, the default) and the backbone weights to load (None: random init)."""
+
+    arch: str
+    patch_size: int
+    arch_origin: str
+    weights: Path | None = None
+    state: dict[str, torch.Tensor] | None = None
+    checkpoint_key: str | None = None
+
+    @property
+    def flags(self) -> str:
+        """The command-line flags that build this backbone."""
+        if models.is_convnet(self.arch):
+            return f"--arch {self.arch}"
+        return f"--arch {self.arch} --patch_size {self.patch_size}"
+
+    def build(self, device: torch.device, attn_backend: str = "auto") -> nn.Module:
+        """The backbone with its weights (strictly), frozen, in eval mode, on ``device``."""
+        model = build_backbone(self.arch, self.patch_size, attn_backend)
+        if self.state is None or self.weights is None:
+            load_pretrained_weights(model, None, arch_hint=self.flags)
+        else:
+            _load_backbone_state(model, self.state, self.weights, self.checkpoint_key, self.flags)
+        return model.to(device)
+
+
+def choose_model(args: argparse.Namespace) -> ModelChoice:
+    """The backbone the model flags in ``args`` describe; flags left out come from the checkpoint's
+    stored ``args``, else from its weights' shapes, else the official defaults."""
+    flags: dict[str, Any] = {"arch": DEFAULT_ARCH, "patch_size": DEFAULT_PATCH_SIZE}
+    origin = "the default"
+    weights, state = None, None
+    if args.pretrained_weights:
+        weights = Path(args.pretrained_weights)
+        checkpoint = read_checkpoint(weights, allow_pickle=args.allow_pickle)
+        state = backbone_state_dict(checkpoint, args.checkpoint_key, source=str(weights))
+        stored = stored_model_flags(checkpoint, state)
+        if stored:
+            flags.update(stored)
+            origin = str(weights)
+    choice = ModelChoice(
+        arch=args.arch or flags["arch"],
+        patch_size=args.patch_size or flags["patch_size"],
+        arch_origin="--arch" if args.arch else origin,
+        weights=weights,
+        state=state,
+        checkpoint_key=args.checkpoint_key,
+    )
+    if not args.arch:
+        logger.info("evaluating %s (%s, from %s)", choice.arch, choice.flags, choice.arch_origin)
+    return choice
+
+
 def build_model_from_args(args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The backbone ``args`` describe, with its weights; flags left out come from the checkpoint."""
-    flags = {"arch": "vit_small", "patch_size": 16}
-    state = None
-    if args.pretrained_weights:
-        path = Path(args.pretrained_weights)
-        checkpoint = read_checkpoint(path, allow_pickle=args.allow_pickle)
-        state = backbone_state_dict(checkpoint, args.checkpoint_key, source=str(path))
-        flags.update(stored_model_flags(checkpoint, state))
-    arch = args.arch or flags["arch"]
-    patch_size = args.patch_size or flags["patch_size"]
-    model = build_backbone(arch, patch_size, args.attn_backend)
-    hint = f"--arch {arch} --patch_size {patch_size}"
-    if state is None:
-        load_pretrained_weights(model, None, arch_hint=hint)
-    else:
-        _load_backbone_state(model, state, path, args.checkpoint_key, hint)
-    return model.to(device)
+    return choose_model(args).build(device, args.attn_backend)
