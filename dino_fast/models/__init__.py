@@ -13,7 +13,7 @@ from dino_fast.models.backbones import BACKBONE_ARCHS, build_backbone, is_convne
 from dino_fast.models.head import DINOHead, WeightNormLinear
 from dino_fast.models.multicrop import DINOModel, multicrop_forward
 from dino_fast.models.resnet import RESNET_ARCHS, resnet
-from dino_fast.models.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from dino_fast.models.sync_batchnorm import CpuSyncBatchNorm, convert_sync_batchnorm
 from dino_fast.models.vit import (
     ARCHS,
     Attention,
@@ -32,10 +32,10 @@ __all__ = [
     "RESNET_ARCHS",
     "Attention",
     "Block",
+    "CpuSyncBatchNorm",
     "DINOHead",
     "DINOModel",
     "PatchEmbed",
-    "SyncBatchNorm",
     "VisionTransformer",
     "WeightNormLinear",
     "build_backbone",

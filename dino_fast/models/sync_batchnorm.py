@@ -1,11 +1,10 @@
 """Batch norms synchronized across processes on every device, CPU (gloo) included.
 
 The official code converts every batch norm to ``nn.SyncBatchNorm`` when a model has any (a
-ResNet backbone, ``--use_bn_in_head``). torch's SyncBatchNorm refuses CPU tensors in a process
-group; this subclass computes the same statistics there with two differentiable all-reduces
-(per-channel sum and count, then the centered sum of squares) and defers to torch everywhere else.
-The backward of a sum all-reduce is a sum all-reduce of the gradients, which is what torch's
-CUDA SyncBatchNorm computes for ``sum_dy`` and ``sum_dy_xmu``.
+ResNet backbone, ``--use_bn_in_head``). torch's SyncBatchNorm, and DDP around one, refuse CPU
+tensors, so on a CPU the batch norms become :class:`CpuSyncBatchNorm` instead: the same state
+dict, the same statistics, computed with two differentiable all-reduces (per-channel sum and
+count, then the centered sum of squares).
 """
 
 from __future__ import annotations
@@ -15,11 +14,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks; its gradient is the sum over ranks of the gradients (every rank's loss
-    reads the sum)."""
+    reads the sum), which is what torch's CUDA SyncBatchNorm computes for its backward."""
 
     @staticmethod
     def forward(ctx: Any, tensor: Tensor, group: dist.ProcessGroup) -> Tensor:
@@ -35,13 +35,37 @@ class _AllReduceSum(torch.autograd.Function):
         return grad, None
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` with the same state dict, that also synchronizes CPU tensors."""
+class CpuSyncBatchNorm(_BatchNorm):
+    """``nn.SyncBatchNorm`` for CPU process groups: normalizes over the batch of every rank in
+    training, and is a plain batch norm without a process group or in eval mode."""
+
+    def __init__(self, *args: Any, process_group: dist.ProcessGroup | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
     def forward(self, input: Tensor) -> Tensor:
-        if input.device.type != "cpu" or not self._synchronizes():
+        if not self._synchronizes():
             return super().forward(input)
-        return self._forward_cpu_group(input)
+        self._check_input_dim(input)
+        group = self.process_group or dist.group.WORLD
+        reduce_dims = [0, *range(2, input.dim())]
+        channel_shape = (1, -1) + (1,) * (input.dim() - 2)
+        count = torch.full((1,), input.numel() // input.shape[1], dtype=input.dtype)
+        sums = _AllReduceSum.apply(torch.cat([input.sum(reduce_dims), count]), group)
+        total = sums[-1]
+        mean = sums[:-1] / total
+        centered = input - mean.view(channel_shape)
+        var = _AllReduceSum.apply(centered.square().sum(reduce_dims), group) / total
+        out = centered * torch.rsqrt(var + self.eps).view(channel_shape)
+        if self.affine:
+            out = out * self.weight.view(channel_shape) + self.bias.view(channel_shape)
+        if self.track_running_stats:
+            self._update_running_stats(mean.detach(), var.detach(), total.detach())
+        return out
 
     def _synchronizes(self) -> bool:
         return (
@@ -51,38 +75,45 @@ class SyncBatchNorm(nn.SyncBatchNorm):
             and dist.get_world_size(self.process_group or dist.group.WORLD) > 1
         )
 
-    def _forward_cpu_group(self, x: Tensor) -> Tensor:
-        self._check_input_dim(x)
-        group = self.process_group or dist.group.WORLD
-        reduce_dims = [0, *range(2, x.dim())]
-        channel_shape = (1, -1) + (1,) * (x.dim() - 2)
-        count = torch.full((1,), x.numel() // x.shape[1], dtype=x.dtype)
-        sums = _AllReduceSum.apply(torch.cat([x.sum(reduce_dims), count]), group)
-        total = sums[-1]
-        mean = sums[:-1] / total
-        centered = x - mean.view(channel_shape)
-        var = _AllReduceSum.apply(centered.square().sum(reduce_dims), group) / total
-        out = centered * torch.rsqrt(var + self.eps).view(channel_shape)
-        if self.affine:
-            out = out * self.weight.view(channel_shape) + self.bias.view(channel_shape)
-        if self.track_running_stats:
-            self._update_running_stats(mean.detach(), var.detach(), total.detach())
-        return out
-
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, var: Tensor, total: Tensor) -> None:
         self.num_batches_tracked.add_(1)
         # momentum None is torch's cumulative average: weight 1 / batches seen.
-        factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked.to(mean.dtype)
+        if self.momentum is None:
+            factor: float | Tensor = 1.0 / self.num_batches_tracked.to(mean.dtype)
+        else:
+            factor = self.momentum
         unbiased = var * total / (total - 1).clamp_min(1)
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
         self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
 
 
-def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
-    """``nn.SyncBatchNorm.convert_sync_batchnorm`` that makes the CPU-capable :class:`SyncBatchNorm`."""
-    module = nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
-    for m in module.modules():
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm  # same attributes and state; only forward differs
+def convert_sync_batchnorm(
+    module: nn.Module, device: torch.device | str, process_group: dist.ProcessGroup | None = None
+) -> nn.Module:
+    """The official ``nn.SyncBatchNorm.convert_sync_batchnorm(module)`` for a model on ``device``:
+    torch's SyncBatchNorm on accelerators, :class:`CpuSyncBatchNorm` on a CPU. Weights, buffers and
+    state-dict keys are kept."""
+    if torch.device(device).type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    if isinstance(module, _BatchNorm) and not isinstance(module, CpuSyncBatchNorm):
+        converted = CpuSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            process_group=process_group,
+        )
+        like = module.weight if module.affine else module.running_mean
+        if like is not None:
+            converted.to(like.dtype)
+        converted.load_state_dict(module.state_dict())
+        converted.train(module.training)
+        if module.affine:
+            converted.weight.requires_grad_(module.weight.requires_grad)
+            converted.bias.requires_grad_(module.bias.requires_grad)
+        return converted
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device, process_group))
     return module

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dino_fast import distributed
+from dino_fast import distributed, models
 from dino_fast.ops import cross_entropy, sinkhorn
 from dino_fast.ops import loss as loss_op
 from dino_fast.ops.backends import available_backends, select_backend
@@ -26,12 +26,22 @@ def kernel_choices(config: TrainConfig, trainer: Trainer) -> str:
         )
     else:
         loss = f"dino_loss {backend('dino_loss', loss_op.NATIVE_FORWARD_OP)}"
-    attention = getattr(trainer.student.backbone, "attn_backend", config.attn_backend)
+    attention = ""
+    if not models.is_convnet(config.arch):
+        attention = f", attention {getattr(trainer.student.backbone, 'attn_backend', config.attn_backend)}"
     usable = [name for name, reason in available_backends(trainer.device).items() if reason is None]
     return (
-        f"{loss}, teacher EMA {trainer.ema.backend} (flat buffers), attention {attention} "
+        f"{loss}, teacher EMA {trainer.ema.backend} (flat buffers){attention} "
         f"(usable op backends here: {', '.join(usable)})"
     )
+
+
+def backbone_description(config: TrainConfig, trainer: Trainer, world_size: int) -> str:
+    if not models.is_convnet(config.arch):
+        return f"{config.arch}/{config.patch_size}, drop_path={config.drop_path_rate}"
+    norms = "synchronized across processes" if world_size > 1 else "over this process's batch"
+    layout = "channels_last" if trainer.channels_last else "NCHW"
+    return f"{config.arch} (torchvision; batch norms {norms}, {layout}, one call per crop size)"
 
 
 def run_summary(
@@ -52,9 +62,8 @@ def run_summary(
     lines = [
         "dino_fast.train",
         f"  world: {info.world_size} process(es) x {info.device} ({info.backend or 'single process'})",
-        f"  model: {config.arch}/{config.patch_size}, head K={config.out_dim}, "
-        f"{n_student / 1e6:.1f}M student params, norm_last_layer={config.norm_last_layer}, "
-        f"drop_path={config.drop_path_rate}",
+        f"  model: {backbone_description(config, trainer, info.world_size)}, head K={config.out_dim}, "
+        f"{n_student / 1e6:.1f}M student params, norm_last_layer={config.norm_last_layer}",
         f"  crops: 2x{config.global_crops_size}px {tuple(config.global_crops_scale)} + "
         f"{config.local_crops_number}x{config.local_crops_size}px {tuple(config.local_crops_scale)}",
         f"  data: {config.data} from {data_root if data_root is not None else '(synthetic)'}: "

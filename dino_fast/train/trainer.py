@@ -78,9 +78,9 @@ class Trainer:
                 teacher.to(memory_format=torch.channels_last)
         with_batchnorms = has_batchnorms(student)
         if with_batchnorms:
-            # As official; ours also synchronizes CPU processes (gloo), which torch's refuses.
-            student = models.convert_sync_batchnorm(student)
-            teacher = models.convert_sync_batchnorm(teacher)
+            # As official; on a CPU as a batch norm of ours that gloo can synchronize.
+            student = models.convert_sync_batchnorm(student, self.device)
+            teacher = models.convert_sync_batchnorm(teacher, self.device)
         # The teacher runs under DDP when it has batch norms, as official (DDP broadcasts their
         # statistics from rank 0); it is wrapped while its parameters still require gradients,
         # because DDP refuses a module without any.

