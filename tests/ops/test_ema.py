@@ -521,6 +521,23 @@ def test_packed_student_trains_and_the_teacher_follows(backend) -> None:
     )
 
 
+def test_packing_keeps_channels_last_convolutions_channels_last(backend) -> None:
+    # Convnets train in channels_last on GPUs; packed, each weight keeps its layout, the student's
+    # and the teacher's element i are the same weight, and the update stays the formula's.
+    teacher, student = make_models()
+    teacher.to(memory_format=torch.channels_last)
+    student.to(memory_format=torch.channels_last)
+    ema = TeacherEMA(teacher, student, flat=True, pack_student=True, backend=backend)
+    convs = [(n, p) for n, p in [*teacher.named_parameters(), *student.named_parameters()] if p.dim() == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for _, p in convs)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    want = expected_teacher(teacher, student, 0.7)
+    ema.update(0.7)
+    assert_teacher(teacher, want)
+
+
 @pytest.fixture
 def process_group(tmp_path):
     """A one-process gloo group, enough for DistributedDataParallel on CPU."""

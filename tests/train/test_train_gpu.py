@@ -109,3 +109,20 @@ def test_compile_matches_eager(tmp_path):
         torch.testing.assert_close(lc.float(), le.float(), rtol=2e-2, atol=2e-2)
     for (name, a), b in zip(eager.teacher.named_parameters(), compiled.teacher.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_resnet50_step_runs_channels_last_with_cudnn_benchmark(tmp_path) -> None:
+    config = gpu_config(
+        tmp_path, arch="resnet50", optimizer="sgd", lr=0.03, weight_decay=1e-4, weight_decay_end=1e-4
+    )
+    trainer = Trainer(config, CUDA, steps_per_epoch=4)
+    assert torch.backends.cudnn.benchmark
+    convs = [p for p in trainer.student.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in trainer.student.modules())
+    before = trainer.student.backbone.conv1.weight.detach().clone()
+    batch = batch_for(config)
+    losses = [float(trainer.step(batch, it)) for it in range(1, 4)]
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert not torch.equal(before, trainer.student.backbone.conv1.weight)
+    assert trainer.student.backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
