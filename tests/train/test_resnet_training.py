@@ -5,11 +5,14 @@ tests/official/test_official_resnet.py."""
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
 from torchvision import models as torchvision_models
 
+from dino_fast.checkpoint import load_checkpoint
 from dino_fast.official import training as official
 from dino_fast.official.vision_transformer import DINOHead, MultiCropWrapper
 from dino_fast.train import TrainConfig, Trainer
@@ -94,6 +97,37 @@ def test_resnet_checkpoint_has_the_official_keys(tmp_path) -> None:
     stripped = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in student.items()}
     missing, unexpected = backbone.load_state_dict(stripped, strict=False)
     assert not missing and all(k.startswith("head.") for k in unexpected)
+
+
+def test_an_official_resnet_training_checkpoint_resumes_into_ours(tmp_path) -> None:
+    # main_dino's checkpoint after a step: the DDP student's "module." keys, SGD's momentum
+    # buffers, argparse.Namespace args.
+    config = TrainConfig.from_preset(
+        "resnet50_imagenet", arch="resnet18", data="synthetic", device="cpu", out_dim=64, precision="fp32"
+    )
+    official.fix_random_seeds(1)
+    student, teacher = official.build_student_teacher(config)
+    optimizer = official.build_optimizer(config, official.get_params_groups(student))
+    optimizer.param_groups[0]["lr"] = optimizer.param_groups[1]["lr"] = 0.1
+    student(torch.randn(4, 3, 32, 32)).square().mean().backward()
+    optimizer.step()
+    checkpoint = {
+        "student": {f"module.{k}": v for k, v in student.state_dict().items()},
+        "teacher": teacher.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": 3,
+        "args": argparse.Namespace(**config.to_dict()),
+        "dino_loss": {"center": torch.randn(1, 64)},
+    }
+    torch.save(checkpoint, tmp_path / "checkpoint.pth")
+    trainer = Trainer(config, "cpu", steps_per_epoch=5)
+    assert trainer.load_state_dict(load_checkpoint(tmp_path / "checkpoint.pth")) == 15  # epoch 3's start
+    for name, value in student.state_dict().items():
+        assert torch.equal(trainer.student.state_dict()[name], value), name
+    ours = trainer.optimizer.state_dict()["state"]
+    theirs = optimizer.state_dict()["state"]
+    assert ours.keys() == theirs.keys() and len(ours) == sum(p.requires_grad for p in student.parameters())
+    assert all(torch.equal(ours[i]["momentum_buffer"], theirs[i]["momentum_buffer"]) for i in ours)
 
 
 def _check_run(out, proc, *, steps: int, world_size: int) -> dict:
