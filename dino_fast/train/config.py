@@ -21,7 +21,7 @@ import torch
 
 from dino_fast.data import KINDS as DATA_KINDS
 from dino_fast.errors import UserError
-from dino_fast.models import BACKBONE_ARCHS
+from dino_fast.models import BACKBONE_ARCHS, is_convnet
 from dino_fast.models.attention import BACKENDS as ATTENTION_BACKENDS
 from dino_fast.ops.backends import BACKENDS as OP_BACKENDS
 from dino_fast.ops.loss import TEACHER_CENTERINGS
@@ -217,8 +217,14 @@ class TrainConfig:
                 "--blur_sigma takes two numbers 0 < min <= max (pixels), got "
                 f"{' '.join(map(str, self.blur_sigma))}"
             )
+        if is_convnet(self.arch) and self.local_crops_number * self.batch_size_per_gpu == 1:
+            raise ConfigError(
+                f"--arch {self.arch} with one local crop of one image per process: its batch norms "
+                "would normalize a single sample; raise --batch_size_per_gpu or --local_crops_number "
+                "(or use --local_crops_number 0)"
+            )
         for name in ("global_crops_size", "local_crops_size"):
-            if getattr(self, name) < self.patch_size:
+            if getattr(self, name) < self.patch_size and not is_convnet(self.arch):
                 raise ConfigError(
                     f"--{name} {getattr(self, name)} is smaller than --patch_size {self.patch_size}: "
                     "a crop must hold at least one patch"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dino_fast import distributed
+from dino_fast import distributed, models
 from dino_fast.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -117,7 +117,9 @@ def _check_same_model(config: TrainConfig, ckpt: dict[str, Any], ckpt_path: Path
     stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored
     if not isinstance(stored, dict):
         return  # no record of the flags: the strict state-dict load still checks every shape
-    differ = [name for name in MODEL_FLAGS if name in stored and stored[name] != getattr(config, name)]
+    # A convnet has no patches: its --patch_size is not part of its weights.
+    flags = [f for f in MODEL_FLAGS if not (f == "patch_size" and models.is_convnet(config.arch))]
+    differ = [name for name in flags if name in stored and stored[name] != getattr(config, name)]
     if differ:
         theirs = " ".join(f"--{name} {stored[name]}" for name in differ)
         ours = " ".join(f"--{name} {getattr(config, name)}" for name in differ)

@@ -73,6 +73,13 @@ def test_every_torchvision_resnet_is_an_arch():
         parse_args(["--arch", "resnet51", "--data", "synthetic"])
 
 
+def test_a_convnet_has_no_patches_to_fit_in_a_crop():
+    cfg = parse_args(
+        ["--arch", "resnet18", "--data", "synthetic", "--local_crops_size", "8", "--patch_size", "16"]
+    )
+    cfg.validate()  # a ViT/16 could not take 8-px crops; a ResNet can
+
+
 def test_vit_small_imagenet_preset_is_the_papers_recipe():
     c = TrainConfig.from_preset("vit_small_imagenet")
     assert (c.arch, c.patch_size, c.out_dim, c.norm_last_layer) == ("vit_small", 16, 65536, True)
@@ -154,6 +161,19 @@ def test_bool_flag():
         (["--data", "synthetic", "--warmup_epochs", "200"], "longer than --epochs"),
         (["--data", "synthetic", "--precision", "bf16", "--use_fp16", "true"], "contradicts"),
         (["--data", "synthetic", "--arch", "resnet51"], "invalid choice"),
+        (
+            [
+                "--data",
+                "synthetic",
+                "--arch",
+                "resnet18",
+                "--batch_size_per_gpu",
+                "1",
+                "--local_crops_number",
+                "1",
+            ],
+            "would normalize a single sample",
+        ),
         (["--data", "synthetic", "--global_crops_size", "8"], "smaller than --patch_size"),
         (["--data", "synthetic", "--max_steps", "0"], "--max_steps must be >= 1"),
         (["--data", "synthetic", "--center_momentum", "1.5"], "--center_momentum must be in [0, 1]"),

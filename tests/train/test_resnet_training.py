@@ -6,6 +6,7 @@ tests/official/test_official_resnet.py."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from torchvision import models as torchvision_models
 from dino_fast.checkpoint import load_checkpoint
 from dino_fast.official import training as official
 from dino_fast.official.vision_transformer import DINOHead, MultiCropWrapper
-from dino_fast.train import TrainConfig, Trainer
+from dino_fast.train import ConfigError, TrainConfig, Trainer, train
 from dino_fast.train.optim import LARS
 from tests.helpers.photos import photo_folder
 from tests.helpers.processes import run_python
@@ -128,6 +129,18 @@ def test_an_official_resnet_training_checkpoint_resumes_into_ours(tmp_path) -> N
     theirs = optimizer.state_dict()["state"]
     assert ours.keys() == theirs.keys() and len(ours) == sum(p.requires_grad for p in student.parameters())
     assert all(torch.equal(ours[i]["momentum_buffer"], theirs[i]["momentum_buffer"]) for i in ours)
+
+
+def test_a_resnet_run_resumes_whatever_patch_size_is_given(tmp_path) -> None:
+    # --patch_size shapes no weight of a convnet: it is not one of the flags a resume must match.
+    config = TrainConfig.from_preset(
+        "smoke", arch="resnet18", data="synthetic", device="cpu", output_dir=str(tmp_path), max_steps=1
+    )
+    train(config)
+    resumed = train(dataclasses.replace(config, patch_size=8, max_steps=2))
+    assert resumed.iteration == 2
+    with pytest.raises(ConfigError, match="--arch resnet18, but this run asks for --arch resnet34"):
+        train(dataclasses.replace(config, arch="resnet34", max_steps=3))
 
 
 def _check_run(out, proc, *, steps: int, world_size: int) -> dict:
