@@ -1,6 +1,7 @@
 """One variant's result: the equal-loss check, then the timed steps (as it trains: drop path on,
 warm-up first, the median of the timed steps), images/s, MFU and peak memory; a variant that fails
-anywhere is a result with the reason, never a reason to stop."""
+anywhere is a result with the reason, never a reason to stop, and one that does not apply to the
+architecture (an attention backend for a convnet) is skipped with the reason."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from benchmarks.end_to_end.context import Context
 from benchmarks.end_to_end.equal_loss import check_variant
 from benchmarks.end_to_end.inputs import Crops
 from benchmarks.end_to_end.runners import build_runner
-from benchmarks.end_to_end.variants import Variant, precision_of
+from benchmarks.end_to_end.variants import Variant, precision_of, skip_reason
 from benchmarks.timing import measure, release_memory
 
 
@@ -49,6 +50,9 @@ def run_variant(
     peak_tflops: float | None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"name": variant.name, "description": variant.description}
+    reason = skip_reason(variant, ctx)
+    if reason is not None:
+        return {**result, "status": "skipped", "reason": reason}
     try:
         result["precision"] = precision_of(variant, ctx)
         started = time.perf_counter()
