@@ -46,7 +46,7 @@ def test_resnet50_forward_count_is_torchvisions_4_09_gmacs() -> None:
     assert flops["teacher_backbone"] / 2 / 2 == pytest.approx(4.09e9, rel=0.002)
 
 
-@pytest.mark.slow  # ~20 s each: fp64 convolutions have no fast CPU kernels
+@pytest.mark.slow  # 3-20 s each (by the machine's load): fp64 convolutions have no fast CPU kernels
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])
 def test_tuned_parts_compute_the_official_convnet_step(optimizer: str) -> None:
     # channels_last, the fused SGD (LARS keeps its loop), sync-free clipping and the foreach EMA
@@ -89,7 +89,7 @@ def test_a_convnet_arch_takes_the_rn50_recipe_and_its_preset() -> None:
     assert rn50["local_crops_number"] == 8 and rn50["batch_size_per_gpu"] == 128 and rn50["out_dim"] == 65536
 
 
-@pytest.mark.slow  # ~30 s: an fp32 reference and two variants of a ResNet-18 step
+@pytest.mark.slow  # 5-15 s: an fp32 reference and two variants of a ResNet-18 step
 def test_resnet18_tiny_run_passes_the_equal_loss_check_and_writes_its_json(tmp_path: Path) -> None:
     out = tmp_path / "rn18.json"
     argv = ["--device", "cpu", "--preset", "rn_tiny", "--steps", "1", "--warmup", "0", "--json", str(out)]
@@ -118,7 +118,7 @@ def test_resnet18_tiny_run_passes_the_equal_loss_check_and_writes_its_json(tmp_p
     }
 
 
-@pytest.mark.slow  # ~30 s: ResNet-50 on 96/48-px crops
+@pytest.mark.slow  # 5-20 s: ResNet-50 on 96/48-px crops
 def test_resnet50_tiny_run_passes_the_equal_loss_check(tmp_path: Path) -> None:
     argv = ["--device", "cpu", "--arch", "resnet50", "--steps", "1", "--warmup", "0"]
     payload = throughput.main([*argv, "--variants", "dino_fast", "--json", str(tmp_path / "rn50.json")])
