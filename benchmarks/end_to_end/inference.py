@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks.timing import environment, measure, release_memory, write_json
+from benchmarks.timing import environment, measure, rate_fields, release_memory, write_json
 from dino_fast.models import build_backbone, is_convnet
 from dino_fast.official import vision_transformer
 from dino_fast.optional import MissingDependencyError
@@ -114,16 +114,9 @@ def run_row(
         row["patch_size"] = args.patch_size
     try:
         stats = time_forward(build, is_convnet(arch), args, precision)
-        ips = args.batch_size_per_gpu / (stats["median_ms"] / 1e3)
-        row.update(
-            status="ok",
-            ms_per_batch=stats["median_ms"],
-            p10_ms=stats["p10_ms"],
-            p90_ms=stats["p90_ms"],
-            iters=stats["iters"],
-            images_per_s=ips,
-            vs_paper=None if paper is None else ips / paper,
-        )
+        rates = rate_fields(stats, args.batch_size_per_gpu, per="batch")
+        vs_paper = None if paper is None else rates["images_per_s"] / paper
+        row.update(status="ok", **rates, iters=stats["iters"], vs_paper=vs_paper)
     except MissingDependencyError as err:
         row.update(status="skipped", reason=str(err))
     except Exception as err:  # a failed row is a result to report, never a reason to stop

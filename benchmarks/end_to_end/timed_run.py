@@ -18,7 +18,7 @@ from benchmarks.end_to_end.equal_loss import check_variant
 from benchmarks.end_to_end.inputs import Crops
 from benchmarks.end_to_end.runners import build_runner
 from benchmarks.end_to_end.variants import Variant, precision_of, skip_reason
-from benchmarks.timing import measure, release_memory
+from benchmarks.timing import measure, rate_fields, release_memory
 
 
 def time_variant(
@@ -68,17 +68,9 @@ def run_variant(
         started = time.perf_counter()
         stats = time_variant(variant, ctx, batch, timing_batches)
         result["build_warmup_and_timing_s"] = time.perf_counter() - started
-        ips = ctx.args.batch_size_per_gpu / (stats["median_ms"] / 1e3)
-        result.update(
-            status="ok",
-            ms_per_step=stats["median_ms"],
-            p10_ms=stats["p10_ms"],
-            p90_ms=stats["p90_ms"],
-            steps=stats["iters"],
-            images_per_s=ips,
-            mfu=None if peak_tflops is None else flops_per_image * ips / (peak_tflops * 1e12),
-            peak_gib=stats.get("peak_gib"),
-        )
+        rates = rate_fields(stats, ctx.args.batch_size_per_gpu, per="step")
+        mfu = None if peak_tflops is None else flops_per_image * rates["images_per_s"] / (peak_tflops * 1e12)
+        result.update(status="ok", **rates, steps=stats["iters"], mfu=mfu, peak_gib=stats.get("peak_gib"))
     except Exception as err:  # a failed variant is a result to report, never a reason to stop
         traceback.print_exc()
         result.update(status="failed", error=f"{type(err).__name__}: {err}")
