@@ -217,9 +217,11 @@ def _apply_preset(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill every flag not given from the preset (chosen by device and architecture if not given)."""
     presets = PRESETS if args.mode == "train" else INFERENCE_PRESETS
     if args.preset is None:
-        convnet = args.mode == "train" and args.arch is not None and is_convnet(args.arch[0])
-        args.preset = ("rn_" if convnet else "") + ("tiny" if args.device == "cpu" else "anchor")
-        args.preset = {"rn_anchor": "rn50"}.get(args.preset, args.preset)
+        on_cpu = args.device == "cpu"
+        if args.mode == "train" and args.arch is not None and is_convnet(args.arch[0]):
+            args.preset = "rn_tiny" if on_cpu else "rn50"
+        else:
+            args.preset = "tiny" if on_cpu else "anchor"
     if args.preset not in presets:
         p.error(f"--preset {args.preset!r} with --mode {args.mode}: choose {', '.join(presets)}")
     for key, value in presets[args.preset].items():
