@@ -8,19 +8,25 @@
 #   bash benchmarks/gpu_check.sh run1 --dry-run   # CPU, tiny shapes: same steps, same files
 #   bash benchmarks/gpu_check.sh run1 --list      # the plan (steps, budgets) as JSON; runs nothing
 #
-# run1: env, build (sm_90 only), gpu-tests (pytest -m gpu), kernels (benchmarks/kernels.py),
-#       throughput-b128 (official, tuned, dino_fast; 10 timed steps).
-# run2: env, build (a no-op when run1's build is still there), throughput-b128-compiled
-#       (tuned+compile, dino_fast+compile), throughput-b64, dali (only with DALI_PARTS_DIR: the
-#       parts benchmarks/dali_bundle.sh had carried there; skipped otherwise).
-# The CPU suite is not run here: CI runs it.
+# run1: env, build (sm_90 only), torchvision, gpu-tests (pytest -m gpu), kernels
+#       (benchmarks/kernels.py), throughput-b128 (official, tuned, dino_fast; 10 timed steps),
+#       throughput-rn50 (the same for the official ResNet-50 recipe; 5 timed steps).
+# run2: env, build (a no-op when run1's build is still there), torchvision,
+#       throughput-b128-compiled (tuned+compile, dino_fast+compile), throughput-b64 (official,
+#       tuned, dino_fast), inference (ViT-S/16 and ResNet-50 forward images/s at 224 px), dali
+#       (only with DALI_PARTS_DIR: the parts benchmarks/dali_bundle.sh had carried there).
+# torchvision: the machine's own, else the wheels benchmarks/torchvision_bundle.sh made, carried
+# in .torchvision_wheels (or TORCHVISION_WHEELS_DIR) and installed into a folder the later steps
+# import from; with neither, throughput-rn50 and the inference step's ResNet row are left out,
+# with one line saying how to carry it. The CPU suite is not run here: CI runs it.
 #
 # Everything lands under $OUT as it is produced, so a call that is cut off still returns what it
 # measured: environment.json, gpu_check.json (the plan and every step's status, exit code and
 # seconds, rewritten after each step), logs/<step>.log, and each step's JSON (throughput.py
 # rewrites its file after every variant). A step runs under `timeout` with its own budget, cut to
 # the time the call has left (GPU_CHECK_BUDGET_S); one that fails or runs out of time is recorded
-# and the next step runs. GPU_CHECK_BUDGETS="step=seconds ..." overrides single budgets.
+# and the next step runs. GPU_CHECK_BUDGETS="step=seconds ..." overrides single budgets;
+# GPU_CHECK_ONLY="step ..." runs those steps of the plan alone (the others are recorded skipped).
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1) runs the same steps on the CPU at tiny shapes and writes the
 # same files, so the script cannot rot between GPU runs (tests/benchmarks/test_gpu_check.py runs it):
@@ -57,17 +63,20 @@ fi
 # has measured them (gpu_check.json records every step's real seconds). Each call's budgets add up
 # under its total, and the total under the device call's timeout. The build's covers a cold nvcc
 # compile of csrc/ for one arch: 26-42 s on 2 cores here, cmake's configure included; run 2's
-# build is a no-op (~10 s) while run 1's is still on the warm machine.
+# build is a no-op (~10 s) while run 1's is still on the warm machine. throughput-rn50: model
+# builds, the fp32 reference and cuDNN's autotuning of each precision's convolutions dominate.
 declare -A BUDGET
 case $plan in
   run1)
-    STEPS=(env build gpu-tests kernels throughput-b128)
-    BUDGET=([env]=20 [build]=100 [gpu-tests]=200 [kernels]=60 [throughput-b128]=110)
+    STEPS=(env build torchvision gpu-tests kernels throughput-b128 throughput-rn50)
+    BUDGET=([env]=15 [build]=90 [torchvision]=10 [gpu-tests]=150 [kernels]=55 [throughput-b128]=100
+      [throughput-rn50]=70)
     DEFAULT_TOTAL=510 # 490 s of steps; the device call's timeout is 540
     ;;
   run2)
-    STEPS=(env build throughput-b128-compiled throughput-b64 dali)
-    BUDGET=([env]=15 [build]=50 [throughput-b128-compiled]=110 [throughput-b64]=60 [dali]=120)
+    STEPS=(env build torchvision throughput-b128-compiled throughput-b64 inference dali)
+    BUDGET=([env]=10 [build]=40 [torchvision]=10 [throughput-b128-compiled]=110 [throughput-b64]=40
+      [inference]=25 [dali]=120)
     DEFAULT_TOTAL=240 # 235 s without DALI; with DALI carried give it GPU_CHECK_BUDGET_S=360
     ;;
 esac
@@ -84,8 +93,9 @@ SCALE=$([ "$dry" = 1 ] && echo 3 || echo 1)
 declare -A DRY_VARIANTS=()
 declare -A VARIANTS=(
   [throughput-b128]="official tuned dino_fast"
+  [throughput-rn50]="official tuned dino_fast"
   [throughput-b128-compiled]="tuned+compile dino_fast+compile"
-  [throughput-b64]="official tuned dino_fast dino_fast+compile"
+  [throughput-b64]="official tuned dino_fast"
 )
 if [ "$dry" = 1 ]; then
   DEVICE=cpu
@@ -93,20 +103,33 @@ if [ "$dry" = 1 ]; then
   # Tiny shapes: a full-depth ViT-tiny on 2x2 / 1x1 patch grids, B=2, K=64, one timed step. On a
   # CPU each variant costs 10-20 s (mostly building the models), so one variant per step runs;
   # tests/benchmarks/test_gpu_check.py checks that throughput.py accepts the full lists above.
-  THROUGHPUT=(--device cpu --preset tiny --local_crops_number 1 --out_dim 64 --steps 1 --warmup 0
-    --num_workers 1)
+  VIT=(--device cpu --preset tiny --local_crops_number 1 --out_dim 64 --steps 1 --warmup 0 --num_workers 1)
+  # ResNet-18 at its tiny preset's B=4 and 2 local crops: fewer images leave its last batch norms
+  # so few values per channel that bf16 rounding alone moves the loss past the check's tolerance.
+  RESNET=(--device cpu --preset rn_tiny --steps 1 --warmup 0 --num_workers 1)
   B128=(--batch_size_per_gpu 2)
   B64=(--batch_size_per_gpu 1)
-  DRY_VARIANTS=([throughput-b128]="dino_fast" [throughput-b128-compiled]="dino_fast+compile"
-    [throughput-b64]="official")
+  DRY_VARIANTS=([throughput-b128]="dino_fast" [throughput-rn50]="dino_fast"
+    [throughput-b128-compiled]="dino_fast+compile" [throughput-b64]="official")
   KERNELS=(--device cpu --once)
+  INFERENCE=(--device cpu --preset tiny --steps 2 --warmup 1)
+  INFERENCE_VIT=vit_tiny
 else
   DEVICE=cuda
-  THROUGHPUT=(--device cuda --preset anchor --steps 10 --warmup 3)
+  VIT=(--device cuda --preset anchor --steps 10 --warmup 3)
+  RESNET=(--device cuda --preset rn50 --steps 5 --warmup 2)
   B128=(--batch_size_per_gpu 128)
   B64=(--batch_size_per_gpu 64)
   KERNELS=(--device cuda)
+  INFERENCE=(--device cuda --preset anchor)
+  INFERENCE_VIT=vit_small
 fi
+# torchvision: the machine's own, else the carried wheels installed into TORCHVISION_SITE, which
+# is on every step's path from the start (a folder that does not exist changes nothing; run 2
+# finds run 1's there while the machine is warm).
+TORCHVISION_WHEELS_DIR=${TORCHVISION_WHEELS_DIR:-$PWD/.torchvision_wheels}
+TORCHVISION_SITE=${TORCHVISION_SITE:-/tmp/gpu_check_torchvision_site}
+export PYTHONPATH=$TORCHVISION_SITE${PYTHONPATH:+:$PYTHONPATH}
 
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -229,7 +252,7 @@ info = {
     "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
     "nvcc": nvcc_version, "nvcc_path": nvcc,
     **{name: version(name) for name in ("triton", "numpy", "pybind11", "cmake", "ninja", "pytest", "setuptools",
-                                        "wheel", "nvidia-dali-cuda130")},
+                                        "wheel", "nvidia-dali-cuda130", "torchvision", "pillow")},
 }
 if device == "cuda":
     smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -281,12 +304,42 @@ step_kernels() {
   "$PY" benchmarks/kernels.py "${KERNELS[@]}" --json "$OUT/kernels.json"
 }
 
-step_throughput() {  # step_throughput STEP JSON_NAME BATCH_ARGS...
+has_torchvision() {
+  "$PY" -c "import torchvision" >/dev/null 2>&1
+}
+no_torchvision() {  # why the ResNet steps cannot run, and the fix, in one line
+  if [ -d "$TORCHVISION_WHEELS_DIR" ]; then
+    echo "the torchvision wheels carried in $TORCHVISION_WHEELS_DIR did not install (logs/torchvision.log says why)"
+  else
+    echo "torchvision is neither installed nor carried: run 'bash benchmarks/torchvision_bundle.sh' with PyPI at" \
+      "hand and carry .torchvision_wheels with the call (or point TORCHVISION_WHEELS_DIR at the wheels)"
+  fi
+}
+
+step_torchvision() {
+  if has_torchvision; then
+    "$PY" -c "import torchvision; print('torchvision', torchvision.__version__, 'at', torchvision.__file__)"
+  else
+    echo "torchvision not installed: installing the carried wheels from $TORCHVISION_WHEELS_DIR"
+    PYTHON=$PY bash benchmarks/torchvision_bundle.sh --install "$TORCHVISION_WHEELS_DIR" "$TORCHVISION_SITE"
+  fi
+}
+
+step_throughput() {  # step_throughput STEP JSON_NAME ARGS...
   local step=$1 json=$2
   shift 2
   local variants
   read -r -a variants <<< "${DRY_VARIANTS[$step]:-${VARIANTS[$step]}}"
-  "$PY" benchmarks/throughput.py "${THROUGHPUT[@]}" "$@" --variants "${variants[@]}" --json "$OUT/$json"
+  "$PY" benchmarks/throughput.py "$@" --variants "${variants[@]}" --json "$OUT/$json"
+}
+
+step_inference() {
+  local archs=()
+  if ! has_torchvision; then
+    echo "the ResNet row is left out: $(no_torchvision)"
+    archs=(--arch "$INFERENCE_VIT")
+  fi
+  "$PY" benchmarks/throughput.py --mode inference "${INFERENCE[@]}" "${archs[@]}" --json "$OUT/inference.json"
 }
 
 step_dali() {
@@ -304,11 +357,15 @@ if [ -n "$one_step" ]; then  # inside run_step's timeout
   case $one_step in
     env) step_env ;;
     build) step_build ;;
+    torchvision) step_torchvision ;;
     gpu-tests) step_gpu_tests ;;
     kernels) step_kernels ;;
-    throughput-b128) step_throughput throughput-b128 throughput_b128.json "${B128[@]}" ;;
-    throughput-b128-compiled) step_throughput throughput-b128-compiled throughput_b128_compiled.json "${B128[@]}" ;;
-    throughput-b64) step_throughput throughput-b64 throughput_b64.json "${B64[@]}" ;;
+    throughput-b128) step_throughput throughput-b128 throughput_b128.json "${VIT[@]}" "${B128[@]}" ;;
+    throughput-rn50) step_throughput throughput-rn50 throughput_rn50.json "${RESNET[@]}" ;;
+    throughput-b128-compiled)
+      step_throughput throughput-b128-compiled throughput_b128_compiled.json "${VIT[@]}" "${B128[@]}" ;;
+    throughput-b64) step_throughput throughput-b64 throughput_b64.json "${VIT[@]}" "${B64[@]}" ;;
+    inference) step_inference ;;
     dali) step_dali ;;
     *) echo "gpu_check.sh: no step '$one_step'" >&2; exit 2 ;;
   esac
@@ -318,8 +375,14 @@ fi
 say "GPU check $plan$([ "$dry" = 1 ] && echo ' (dry run: CPU, tiny shapes)'): ${STEPS[*]}; ${TOTAL} s in all; results in $OUT"
 plan_json > "$SUMMARY"
 for name in "${STEPS[@]}"; do
-  if [ "$name" = dali ] && ! [ -d "${DALI_PARTS_DIR:-/nonexistent}" ]; then
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    skip_step "$name" "not in GPU_CHECK_ONLY"
+  elif [ "$name" = dali ] && ! [ -d "${DALI_PARTS_DIR:-/nonexistent}" ]; then
     skip_step dali "DALI not carried (DALI_PARTS_DIR: the folder the dali_bundle.sh parts were copied to)"
+  elif [ "$name" = torchvision ] && ! [ -d "$TORCHVISION_WHEELS_DIR" ] && ! has_torchvision; then
+    skip_step torchvision "$(no_torchvision)"
+  elif [ "$name" = throughput-rn50 ] && ! has_torchvision; then
+    skip_step throughput-rn50 "$(no_torchvision)"
   else
     run_step "$name"
   fi

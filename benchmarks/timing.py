@@ -56,6 +56,17 @@ def measure(
     }
 
 
+def rate_fields(stats: dict[str, Any], images: int, per: str) -> dict[str, float]:
+    """What a result reports of ``measure``'s stats over calls of ``images`` images each: the
+    median milliseconds per ``per`` (step, batch), its p10/p90 spread, and images/s."""
+    return {
+        f"ms_per_{per}": stats["median_ms"],
+        "p10_ms": stats["p10_ms"],
+        "p90_ms": stats["p90_ms"],
+        "images_per_s": images / (stats["median_ms"] / 1e3),
+    }
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What a result needs to be compared with another: device, versions, date."""
     try:

@@ -1,11 +1,15 @@
-"""The matmul FLOPs of one image's share of a DINO training step, counted analytically, and the
-device peaks MFU divides by. tests/benchmarks/test_throughput.py checks the count against torch's
-FlopCounterMode."""
+"""The matmul FLOPs of one image's share of a DINO training step, and the device peaks MFU divides
+by. A ViT's are counted analytically; a ResNet's convolutions by torch's FlopCounterMode over one
+forward on the meta device (no memory, no compute). tests/benchmarks/test_throughput.py checks
+both counts against FlopCounterMode over a real step."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
+from dino_fast.models import is_convnet, resnet
 from dino_fast.official import vision_transformer
 
 # Dense (no sparsity) bf16/fp16 tensor-core peaks in TFLOP/s, from the vendors' data sheets.
@@ -54,6 +58,37 @@ def backbone_dims(arch: str, patch_size: int) -> tuple[int, int, int]:
     return backbone.embed_dim, len(backbone.blocks), backbone.blocks[0].mlp.fc1.out_features
 
 
+def convnet_forward_flops(backbone: nn.Module, img_size: int) -> dict[str, int]:
+    """Convolution FLOPs of one image's forward through a torchvision ResNet ``backbone`` without
+    its ``fc``, built on the meta device (``backbone``), and those of its first convolution (``stem``)."""
+    with FlopCounterMode(display=False) as counter:
+        backbone(torch.empty(1, 3, img_size, img_size, device="meta"))
+    stem = counter.get_flop_counts().get(f"{type(backbone).__name__}.conv1", {})
+    return {"backbone": counter.get_total_flops(), "stem": sum(stem.values())}
+
+
+def convnet_step_flops(
+    arch: str, global_size: int, local_size: int, local_crops_number: int, out_dim: int, n_global: int
+) -> dict[str, int]:
+    """``step_flops`` of a ResNet: backward = 2 x forward except the stem convolution, whose input
+    (the image) needs no gradient (1 x)."""
+    with torch.device("meta"):
+        # eval: a batch norm in training refuses one image of a 1 x 1 map (a local crop of 16-32 px).
+        backbone = resnet(arch).eval()
+    g = convnet_forward_flops(backbone, global_size)
+    loc = convnet_forward_flops(backbone, local_size)
+    head = head_forward_flops(backbone.embed_dim, out_dim)
+    student_fwd = {k: n_global * g[k] + local_crops_number * loc[k] for k in g}
+    out = {
+        "student_backbone": 3 * student_fwd["backbone"] - student_fwd["stem"],
+        "student_head": 3 * (n_global + local_crops_number) * head,
+        "teacher_backbone": n_global * g["backbone"],
+        "teacher_head": n_global * head,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
 def step_flops(
     arch: str,
     patch_size: int,
@@ -66,6 +101,8 @@ def step_flops(
     """Matmul FLOPs per image of one training step. Student: forward + backward over all crops,
     backward = 2 x forward (input and weight gradients) except the patch embedding, whose input
     (the image) needs no gradient (1 x). Teacher: forward over the global crops only."""
+    if is_convnet(arch):
+        return convnet_step_flops(arch, global_size, local_size, local_crops_number, out_dim, n_global)
     dim, depth, hidden = backbone_dims(arch, patch_size)
     g = vit_forward_flops(dim, depth, hidden, patch_size, global_size)
     loc = vit_forward_flops(dim, depth, hidden, patch_size, local_size)

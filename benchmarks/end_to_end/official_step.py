@@ -2,9 +2,10 @@
 times, and the "tuned" variants it builds from the same code.
 
 ``StepOptions()`` runs the official step as ``train_one_epoch`` does, on the official models, loss
-and helpers of dino_fast.official: explicit attention, fp16 autocast + GradScaler, per-parameter
-clipping with two host syncs per parameter, default (foreach) AdamW, the per-parameter EMA loop,
-``loss.item()`` every step and the logging block's ``cuda.synchronize()``. Each option replaces
+and helpers of dino_fast.official: explicit attention (a ViT) or torchvision's ResNet with
+SyncBatchNorm, fp16 autocast + GradScaler, per-parameter clipping with two host syncs per
+parameter, the ``--optimizer`` the run names in its default (foreach) form, the per-parameter EMA
+loop, ``loss.item()`` every step and the logging block's ``cuda.synchronize()``. Each option replaces
 one of those costs. docs/benchmarks.md says what each variant is and why.
 """
 
@@ -13,14 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino_fast.models import RESNET_ARCHS
 from dino_fast.official import vision_transformer
 from dino_fast.official.loss import DINOLoss
 from dino_fast.official.training import (
+    build_optimizer,
     build_student_teacher,
     cancel_gradients_last_layer,
     clip_gradients,
@@ -47,7 +51,8 @@ __all__ = [
 class ModelSpec:
     """What both networks are (the ``main_dino.py`` arguments ``build_student_teacher`` reads):
     the same for every variant of a benchmark run. ``arch`` names a constructor of
-    dino_fast.official.vision_transformer."""
+    dino_fast.official.vision_transformer or a torchvision ResNet (``patch_size`` and
+    ``drop_path_rate`` then shape nothing, as in the official code)."""
 
     arch: str = "vit_small"
     patch_size: int = 16
@@ -57,8 +62,16 @@ class ModelSpec:
     use_bn_in_head: bool = False
 
     def __post_init__(self) -> None:
-        if not self.arch.startswith("vit_") or not callable(getattr(vision_transformer, self.arch, None)):
-            raise ValueError(f"unknown arch {self.arch!r}: not a dino_fast.official.vision_transformer model")
+        is_vit = self.arch.startswith("vit_") and callable(getattr(vision_transformer, self.arch, None))
+        if not is_vit and not self.is_convnet:
+            raise ValueError(
+                f"unknown arch {self.arch!r}: neither a dino_fast.official.vision_transformer model "
+                f"nor a torchvision ResNet ({', '.join(RESNET_ARCHS)})"
+            )
+
+    @property
+    def is_convnet(self) -> bool:
+        return self.arch in RESNET_ARCHS
 
 
 @dataclass(frozen=True)
@@ -68,10 +81,11 @@ class StepOptions:
     attn_impl: str = "explicit"  # "explicit" | "sdpa"
     amp_dtype: torch.dtype | None = torch.float16  # None: fp32
     grad_scaler: bool = True  # official: a GradScaler whenever fp16 autocast is on
-    optimizer_impl: str = "default"  # "default" (foreach on CUDA) | "fused"
+    optimizer_impl: str = "default"  # "default" (foreach on CUDA) | "fused" (AdamW and SGD; LARS has none)
     clip_impl: str = "per_param_sync"  # "per_param_sync" | "foreach"
     ema_impl: str = "loop"  # "loop" | "foreach"
     compile_backbones: bool = False
+    channels_last: bool = False  # convnets only: NHWC weights and crops (cuDNN's tensor-core layout)
     logging_sync: bool = True  # the official logging block: cuda.synchronize() + loss.item()
 
     def validate(self) -> None:
@@ -97,6 +111,7 @@ TUNED = StepOptions(
     optimizer_impl="fused",
     clip_impl="foreach",
     ema_impl="foreach",
+    channels_last=True,
 )
 
 
@@ -155,9 +170,11 @@ class TrainStep:
         ncrops: int,
         dtype: torch.dtype = torch.float32,
         loss: LossSpec = LossSpec(),
+        optimizer: str = "adamw",
     ) -> None:
         """``dtype`` is that of the weights (fp32, as official; fp64 lets tests compare variants
-        without Adam amplifying rounding noise in near-zero gradients)."""
+        without Adam amplifying rounding noise in near-zero gradients); ``optimizer`` is the
+        official ``--optimizer`` (adamw, sgd or lars)."""
         options.validate()
         self.options = options
         self.device = device
@@ -169,6 +186,10 @@ class TrainStep:
             use_sdpa(teacher)
         self.student = student.to(device, dtype)
         self.teacher = teacher.to(device, dtype)
+        self.channels_last = options.channels_last and spec.is_convnet
+        if self.channels_last:
+            self.student.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
         if options.compile_backbones:
             # dynamic=False: one static graph per crop resolution instead of a dynamic-shape
             # recompile when the second resolution arrives.
@@ -182,12 +203,7 @@ class TrainStep:
             loss.warmup_teacher_temp_epochs,
             loss.epochs,
         ).to(device, dtype)
-        groups = get_params_groups(self.student)
-        # lr and weight decay are overwritten every step from the schedules, as in the official loop.
-        if options.optimizer_impl == "fused":
-            self.optimizer = torch.optim.AdamW(groups, lr=0.0, fused=True)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=0.0)
+        self.optimizer = _optimizer(optimizer, options.optimizer_impl, get_params_groups(self.student))
         self.scaler = torch.amp.GradScaler(device.type) if options.grad_scaler else None
         self._student_params = list(self.student.parameters())
         self._teacher_params = list(self.teacher.parameters())
@@ -202,6 +218,8 @@ class TrainStep:
             group["lr"] = hp.lr
             if i == 0:  # only the first group is regularized
                 group["weight_decay"] = hp.weight_decay
+        if self.channels_last:  # a no-op for crops already in NHWC
+            crops = [c.contiguous(memory_format=torch.channels_last) for c in crops]
         with torch.autocast(self.device.type, dtype=opts.amp_dtype, enabled=opts.amp_dtype is not None):
             teacher_output = self.teacher(list(crops[:2]))  # only the 2 global views pass through the teacher
             student_output = self.student(list(crops))
@@ -243,6 +261,17 @@ class TrainStep:
             clip_gradients(self.student, clip)
         else:
             clip_gradients_(self.student.parameters(), clip)
+
+
+def _optimizer(name: str, impl: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """The official ``--optimizer name`` over ``groups``; ``impl="fused"``: torch's single-kernel
+    form where it has one (AdamW, SGD), the official per-parameter loop for LARS, which has none.
+    The learning rate and weight decay are overwritten every step, as in the official loop."""
+    if impl == "fused" and name == "adamw":
+        return torch.optim.AdamW(groups, lr=0.0, fused=True)
+    if impl == "fused" and name == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=0.9, fused=True)
+    return build_optimizer(SimpleNamespace(optimizer=name), groups)
 
 
 def official_state_dict(spec: ModelSpec, seed: int = 0) -> dict[str, Tensor]:

@@ -27,6 +27,7 @@ class OfficialFamilyRunner:
             ctx.device,
             ctx.config.ncrops,
             loss=ctx.loss_spec(),
+            optimizer=ctx.config.optimizer,
         )
 
     @property

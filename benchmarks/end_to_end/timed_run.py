@@ -1,6 +1,7 @@
 """One variant's result: the equal-loss check, then the timed steps (as it trains: drop path on,
 warm-up first, the median of the timed steps), images/s, MFU and peak memory; a variant that fails
-anywhere is a result with the reason, never a reason to stop."""
+anywhere is a result with the reason, never a reason to stop, and one that does not apply to the
+architecture (an attention backend for a convnet) is skipped with the reason."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from benchmarks.end_to_end.context import Context
 from benchmarks.end_to_end.equal_loss import check_variant
 from benchmarks.end_to_end.inputs import Crops
 from benchmarks.end_to_end.runners import build_runner
-from benchmarks.end_to_end.variants import Variant, precision_of
-from benchmarks.timing import measure, release_memory
+from benchmarks.end_to_end.variants import Variant, precision_of, skip_reason
+from benchmarks.timing import measure, rate_fields, release_memory
 
 
 def time_variant(
@@ -49,6 +50,9 @@ def run_variant(
     peak_tflops: float | None,
 ) -> dict[str, Any]:
     result: dict[str, Any] = {"name": variant.name, "description": variant.description}
+    reason = skip_reason(variant, ctx)
+    if reason is not None:
+        return {**result, "status": "skipped", "reason": reason}
     try:
         result["precision"] = precision_of(variant, ctx)
         started = time.perf_counter()
@@ -64,17 +68,9 @@ def run_variant(
         started = time.perf_counter()
         stats = time_variant(variant, ctx, batch, timing_batches)
         result["build_warmup_and_timing_s"] = time.perf_counter() - started
-        ips = ctx.args.batch_size_per_gpu / (stats["median_ms"] / 1e3)
-        result.update(
-            status="ok",
-            ms_per_step=stats["median_ms"],
-            p10_ms=stats["p10_ms"],
-            p90_ms=stats["p90_ms"],
-            steps=stats["iters"],
-            images_per_s=ips,
-            mfu=None if peak_tflops is None else flops_per_image * ips / (peak_tflops * 1e12),
-            peak_gib=stats.get("peak_gib"),
-        )
+        rates = rate_fields(stats, ctx.args.batch_size_per_gpu, per="step")
+        mfu = None if peak_tflops is None else flops_per_image * rates["images_per_s"] / (peak_tflops * 1e12)
+        result.update(status="ok", **rates, steps=stats["iters"], mfu=mfu, peak_gib=stats.get("peak_gib"))
     except Exception as err:  # a failed variant is a result to report, never a reason to stop
         traceback.print_exc()
         result.update(status="failed", error=f"{type(err).__name__}: {err}")

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.end_to_end.context import Context
 from benchmarks.end_to_end.official_step import OFFICIAL, TUNED, StepOptions
+from dino_fast.models import is_convnet
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,11 @@ class Variant:
     @property
     def is_dino_fast(self) -> bool:
         return self.options is None
+
+    @property
+    def vit_only(self) -> bool:
+        """What it changes is the ViT's attention, which a convnet does not have."""
+        return "attn_backend" in self.overrides
 
     @property
     def compiles(self) -> bool:
@@ -53,6 +59,11 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             "dino_fast+fp16", "dino_fast Trainer.step, fp16 + GradScaler", overrides={"precision": "fp16"}
         ),
+        Variant(
+            "dino_fast+explicit",
+            "dino_fast Trainer.step, the official explicit attention (what the attention kernels buy)",
+            overrides={"attn_backend": "explicit"},
+        ),
     )
 }
 DEFAULT_VARIANTS = (
@@ -78,3 +89,10 @@ def precision_of(variant: Variant, ctx: Context) -> str:
         return dataclasses.replace(ctx.config, **variant.overrides).resolved_precision()
     dtype = official_options(variant, ctx.device).amp_dtype
     return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def skip_reason(variant: Variant, ctx: Context) -> str | None:
+    """Why ``variant`` has nothing to measure in this run, in one line; None when it applies."""
+    if variant.vit_only and is_convnet(ctx.config.arch):
+        return f"it changes the ViT's attention backend, and {ctx.config.arch} is a convnet"
+    return None

@@ -194,6 +194,12 @@ def test_step_rejects_inconsistent_options() -> None:
         (["--device", "cpu", "--variants", "official", "official"], "twice"),
         (["--device", "cpu", "--batch_size_per_gpu", "0"], "batch_size_per_gpu"),
         (["--device", "cpu", "--data_path", "/tmp"], "only used with --data dali"),
+        (["--device", "cpu", "--arch", "vit_small", "resnet50"], "only with --mode inference"),
+        (["--device", "cpu", "--image_size", "64"], "--image_size is only used with --mode inference"),
+        (["--device", "cpu", "--mode", "inference", "--variants", "official"], "only used with --mode train"),
+        (["--device", "cpu", "--mode", "inference", "--preset", "rn50"], "choose anchor, tiny"),
+        (["--device", "cpu", "--mode", "inference", "--arch", "resnet18", "resnet18"], "twice"),
+        (["--device", "cpu", "--arch", "resnet51"], "invalid choice"),
     ],
 )
 def test_cli_rejects_bad_input(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
