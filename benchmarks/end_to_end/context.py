@@ -17,17 +17,6 @@ from dino_fast.train.schedules import build_schedules
 # official freeze_last_layer epoch, so the head's last layer trains as in the steady state.
 STEPS_PER_EPOCH = 1000
 
-# The official README's ResNet-50 command line (the paper's RN50 row): its optimization and crop
-# flags over main_dino.py's defaults, which a convnet run of this benchmark takes.
-CONVNET_RECIPE = {
-    "optimizer": "sgd",
-    "lr": 0.03,
-    "weight_decay": 1e-4,
-    "weight_decay_end": 1e-4,
-    "global_crops_scale": (0.14, 1.0),
-    "local_crops_scale": (0.05, 0.14),
-}
-
 
 @dataclass
 class Context:
@@ -69,14 +58,14 @@ class Context:
 
 
 def bench_config(args: argparse.Namespace) -> TrainConfig:
-    """The run's settings as a dino_fast TrainConfig: the official defaults (vit_small_imagenet
-    preset), the official RN50 recipe for a convnet, this benchmark's shapes, ``--optimizer``."""
-    recipe = dict(CONVNET_RECIPE) if is_convnet(args.arch) else {}
-    if args.optimizer is not None:
-        recipe["optimizer"] = args.optimizer
+    """The run's settings as a dino_fast TrainConfig: the official ViT-S recipe (the
+    vit_small_imagenet preset) or, for a convnet, the official README's RN50 one (resnet50_imagenet),
+    with this benchmark's shapes and ``--optimizer``."""
+    preset = "resnet50_imagenet" if is_convnet(args.arch) else "vit_small_imagenet"
+    overrides = {} if args.optimizer is None else {"optimizer": args.optimizer}
     config = TrainConfig.from_preset(
-        "vit_small_imagenet",
-        **recipe,
+        preset,
+        **overrides,
         arch=args.arch,
         patch_size=args.patch_size,
         batch_size_per_gpu=args.batch_size_per_gpu,

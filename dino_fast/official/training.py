@@ -17,7 +17,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torchvision import models as torchvision_models
 
 from dino_fast.official import vision_transformer as vits
 from dino_fast.official.loss import DINOLoss
@@ -198,12 +197,16 @@ def build_student_teacher(args: OfficialArgs) -> tuple[nn.Module, nn.Module]:
         student = vits.__dict__[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
         teacher = vits.__dict__[args.arch](patch_size=args.patch_size)
         embed_dim = student.embed_dim
-    elif args.arch in torchvision_models.__dict__:
+    else:
+        # main_dino.py imports torchvision at the top; only convnets need it here, so that a
+        # machine without torchvision still runs the ViT comparisons.
+        from torchvision import models as torchvision_models
+
+        if args.arch not in torchvision_models.__dict__:
+            raise ValueError(f"Unknow architecture: {args.arch}")
         student = torchvision_models.__dict__[args.arch]()
         teacher = torchvision_models.__dict__[args.arch]()
         embed_dim = student.fc.weight.shape[1]
-    else:
-        raise ValueError(f"Unknow architecture: {args.arch}")
     student = vits.MultiCropWrapper(
         student,
         vits.DINOHead(

@@ -14,9 +14,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import throughput
 from benchmarks.end_to_end import official_step as od
-from benchmarks.end_to_end.context import CONVNET_RECIPE, bench_config
+from benchmarks.end_to_end.context import bench_config
 from benchmarks.end_to_end.flops import step_flops
 from dino_fast.official.training import build_student_teacher
+from dino_fast.train import TrainConfig
 
 RESNET18 = od.ModelSpec(arch="resnet18", out_dim=256, drop_path_rate=0.0)
 
@@ -76,8 +77,17 @@ def test_a_convnet_arch_takes_the_rn50_recipe_and_its_preset() -> None:
     args = throughput.parse_args(["--device", "cpu", "--arch", "resnet50"])
     assert args.preset == "rn_tiny" and args.arch == "resnet50" and args.global_crops_size == 96
     config = bench_config(args)
-    recipe = {name: getattr(config, name) for name in CONVNET_RECIPE}
-    assert recipe == CONVNET_RECIPE and config.optimizer == "sgd" and config.weight_decay_end == 1e-4
+    recipe = TrainConfig.from_preset("resnet50_imagenet")  # the official README's RN50 command line
+    for name in (
+        "optimizer",
+        "lr",
+        "weight_decay",
+        "weight_decay_end",
+        "global_crops_scale",
+        "local_crops_scale",
+    ):
+        assert getattr(config, name) == getattr(recipe, name), name
+    assert config.optimizer == "sgd" and config.weight_decay_end == 1e-4
     lars = bench_config(
         throughput.parse_args(["--device", "cpu", "--arch", "resnet18", "--optimizer", "lars"])
     )

@@ -148,3 +148,19 @@ def report(comparisons: list[StepComparison]) -> str:
         f"{c.largest_grad_norm:.2f}, {c.clipped} clipped"
         for c in comparisons
     )
+
+
+class SchedulesReadOneLate:
+    """A planted bug: every step reads the next iteration's learning rate, weight decay, momentum."""
+
+    def __init__(self, schedules: object) -> None:
+        self.schedules = schedules
+
+    def at(self, iteration: int) -> object:
+        return self.schedules.at(iteration + 1)
+
+
+def trainer_reading_schedules_one_late(config: TrainConfig) -> Trainer:
+    trainer = Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
+    trainer.schedules = SchedulesReadOneLate(trainer.schedules)
+    return trainer

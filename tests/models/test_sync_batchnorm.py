@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torchvision
 from torch import nn
 
 from dino_fast.models import CpuSyncBatchNorm, convert_sync_batchnorm
@@ -109,7 +110,6 @@ def test_on_an_accelerator_the_conversion_is_torchs() -> None:
 
 
 def test_conversion_keeps_every_key_and_value_of_a_resnet() -> None:
-    torchvision = pytest.importorskip("torchvision", reason="torchvision builds the ResNet")
     model = torchvision.models.resnet18()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     converted = convert_sync_batchnorm(model, "cpu")

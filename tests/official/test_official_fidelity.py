@@ -27,7 +27,12 @@ from dino_fast.official import training as official
 from dino_fast.official.vision_transformer import trunc_normal_ as official_trunc_normal_
 from dino_fast.train import TrainConfig, Trainer
 from dino_fast.train import trainer as trainer_module
-from tests.helpers.official_step import STEPS_PER_EPOCH, report, side_by_side
+from tests.helpers.official_step import (
+    STEPS_PER_EPOCH,
+    report,
+    side_by_side,
+    trainer_reading_schedules_one_late,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -128,18 +133,8 @@ def test_trainer_step_follows_the_official_trajectory(clip_grad: float) -> None:
         assert any(0 < c.clipped < c.gradients for c in comparisons), text
 
 
-class _SchedulesReadOneLate:
-    def __init__(self, schedules: object) -> None:
-        self.schedules = schedules
-
-    def at(self, iteration: int) -> object:
-        return self.schedules.at(iteration + 1)
-
-
 def _schedule_off_by_one(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
-    trainer = Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
-    trainer.schedules = _SchedulesReadOneLate(trainer.schedules)
-    return trainer
+    return trainer_reading_schedules_one_late(config)
 
 
 def _weight_decay_on_biases_and_norms(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:

@@ -31,7 +31,12 @@ from dino_fast.ops.loss import DINOLoss
 from dino_fast.train import TrainConfig, Trainer
 from dino_fast.train import optim as optim_module
 from tests.helpers import official_step
-from tests.helpers.official_step import STEPS_PER_EPOCH, report, side_by_side
+from tests.helpers.official_step import (
+    STEPS_PER_EPOCH,
+    report,
+    side_by_side,
+    trainer_reading_schedules_one_late,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -118,18 +123,8 @@ def _teacher_in_eval_mode(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) 
     return trainer
 
 
-class _SchedulesReadOneLate:
-    def __init__(self, schedules: object) -> None:
-        self.schedules = schedules
-
-    def at(self, iteration: int) -> object:
-        return self.schedules.at(iteration + 1)
-
-
 def _schedules_read_one_late(config: TrainConfig, monkeypatch: pytest.MonkeyPatch) -> Trainer:
-    trainer = Trainer(config, "cpu", steps_per_epoch=STEPS_PER_EPOCH)
-    trainer.schedules = _SchedulesReadOneLate(trainer.schedules)
-    return trainer
+    return trainer_reading_schedules_one_late(config)
 
 
 class _LARSAdaptingEverything(optim_module.LARS):

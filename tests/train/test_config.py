@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
+import torchvision
 
 from dino_fast.flags import bool_flag
+from dino_fast.models import RESNET_ARCHS
 from dino_fast.train import ConfigError, TrainConfig, parse_args
 
 # The official README's 100-epoch ViT-S/16 command with every main_dino.py flag spelled out
@@ -59,15 +62,14 @@ def test_official_rn50_command_line_is_the_resnet50_preset(tmp_path):
 
 
 def test_every_torchvision_resnet_is_an_arch():
-    for arch in (
-        "resnet18",
-        "resnet34",
-        "resnet50",
-        "resnet101",
-        "resnet152",
-        "resnext50_32x4d",
-        "wide_resnet50_2",
-    ):
+    # The ResNet family torchvision exports by name, as the official --arch takes it.
+    family = {
+        name
+        for name, fn in vars(torchvision.models).items()
+        if callable(fn) and re.fullmatch(r"(resnet|resnext|wide_resnet)\d.*", name)
+    }
+    assert family == set(RESNET_ARCHS)
+    for arch in family:
         assert parse_args(["--arch", arch, "--data", "synthetic"]).arch == arch
     with pytest.raises(SystemExit):
         parse_args(["--arch", "resnet51", "--data", "synthetic"])
