@@ -13,7 +13,8 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,18 @@ def measure(
         "peak_extra_mib": peak_extra_mib,
         "iters": iters,
     }
+
+
+@contextmanager
+def cudnn_autotuner() -> Iterator[None]:
+    """``cudnn.benchmark = True`` for the block, as main_dino.py sets it for its whole run (cuDNN
+    times its convolution algorithms once per input shape); the previous setting after."""
+    saved = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = saved
 
 
 def rate_fields(stats: dict[str, Any], images: int, per: str) -> dict[str, float]:

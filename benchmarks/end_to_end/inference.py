@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 
-from benchmarks.timing import environment, measure, rate_fields, release_memory, write_json
+from benchmarks.timing import cudnn_autotuner, environment, measure, rate_fields, release_memory, write_json
 from dino_fast.models import build_backbone, is_convnet
 from dino_fast.official import vision_transformer
 from dino_fast.optional import MissingDependencyError
@@ -68,16 +68,6 @@ def choose_precision(device: torch.device, requested: str) -> tuple[str, str]:
     if requested == "bf16":
         return "bf16", "bf16 autocast (--precision bf16; emulated on this CPU, slower than fp32)"
     return "fp32", "fp32: this CPU has no bf16 instructions (AMX, AVX512-BF16), where bf16 autocast is slower"
-
-
-@contextmanager
-def cudnn_autotuner() -> Iterator[None]:
-    saved = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = saved
 
 
 def time_forward(

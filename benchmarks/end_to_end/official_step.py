@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_fast.models import RESNET_ARCHS
+from dino_fast.models import RESNET_ARCHS, is_convnet
 from dino_fast.official import vision_transformer
 from dino_fast.official.loss import DINOLoss
 from dino_fast.official.training import (
@@ -71,7 +71,7 @@ class ModelSpec:
 
     @property
     def is_convnet(self) -> bool:
-        return self.arch in RESNET_ARCHS
+        return is_convnet(self.arch)
 
 
 @dataclass(frozen=True)

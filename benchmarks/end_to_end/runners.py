@@ -12,6 +12,7 @@ from benchmarks.end_to_end.context import STEPS_PER_EPOCH, Context
 from benchmarks.end_to_end.inputs import crop_list
 from benchmarks.end_to_end.official_step import TrainStep
 from benchmarks.end_to_end.variants import Variant, official_options
+from benchmarks.timing import cudnn_autotuner
 
 
 class OfficialFamilyRunner:
@@ -41,14 +42,9 @@ class OfficialFamilyRunner:
         return views
 
     def step(self, prepared: list[torch.Tensor], iteration: int) -> float:
-        # main_dino.py sets cudnn.benchmark = True for its whole run (it picks the patch-embedding
-        # convolution's algorithm); scoped here so that dino_fast runs with its own setting.
-        saved = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = True
-        try:
+        # main_dino.py's cudnn.benchmark, scoped so that dino_fast runs with its own setting.
+        with cudnn_autotuner():
             return self.train_step.step(prepared, self.ctx.hyper(iteration))
-        finally:
-            torch.backends.cudnn.benchmark = saved
 
 
 class DinoFastRunner:
